@@ -1,0 +1,97 @@
+"""The public RG ops. Each validates its inputs and runs on the backend chosen by
+:func:`rgflow_fast.use_backend` (the reference is :mod:`rgflow_fast.reference`).
+
+Shapes: image ``x (B, C, L, L)``; a block with kernel ``k``, dilation ``d`` has
+``P = (L/(k*d))**2`` patches per image, stacked as ``(B*P, C, k, k)`` with row ``b*P + p``.
+All ops are differentiable in every tensor input.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import backends
+from .geometry import check_patch_geometry
+
+__all__ = ["rg_gather", "rg_scatter", "rg_coupling", "rg_coupling_inverse"]
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_image(x, name="x"):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{name} must have shape (B, C, L, L); got {tuple(x.shape)}")
+    if x.shape[-1] != x.shape[-2]:
+        raise ValueError(f"{name} must be square (B, C, L, L); got {tuple(x.shape)}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating-point tensor; got {x.dtype}")
+
+
+def _check_patches(p, x, kernel_size, dilation, offset, name):
+    m = check_patch_geometry(x.shape[-1], kernel_size, dilation, offset)
+    expected = (x.shape[0] * m * m, x.shape[1], kernel_size, kernel_size)
+    if not isinstance(p, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(p).__name__}")
+    if tuple(p.shape) != expected:
+        raise ValueError(
+            f"{name} must have shape (B*P, C, k, k) = {expected} for an image of shape "
+            f"{tuple(x.shape)} (P = (L/(k*d))**2 = {m * m}); got {tuple(p.shape)}"
+        )
+    if p.dtype != x.dtype or p.device != x.device:
+        raise ValueError(
+            f"{name} ({p.dtype}, {p.device}) must match the image's dtype and device "
+            f"({x.dtype}, {x.device})"
+        )
+
+
+def _check_parity(parity):
+    if parity not in (0, 1) or isinstance(parity, bool):
+        raise ValueError(f"parity must be 0 (transform a+b odd) or 1 (a+b even); got {parity!r}")
+
+
+def rg_gather(x, kernel_size, dilation, offset):
+    """Gather the RG patches of one block.
+
+    ``x (B, C, L, L) -> patches (B*P, C, k, k)`` with
+    ``patches[b*P + pi*m + pj, c, a, bb] = x[b, c, (pi*k*d + a*d + offset) % L, (pj*k*d + bb*d + offset) % L]``.
+    """
+    _check_image(x)
+    check_patch_geometry(x.shape[-1], kernel_size, dilation, offset)
+    return backends.resolve(x).rg_gather(x, kernel_size, dilation, offset)
+
+
+def rg_scatter(patches, x, kernel_size, dilation, offset):
+    """Write patches back into a copy of ``x``: the inverse of :func:`rg_gather`.
+
+    ``patches (B*P, C, k, k), x (B, C, L, L) -> (B, C, L, L)``; pixels that no patch
+    touches keep their value from ``x``.
+    """
+    _check_image(x)
+    _check_patches(patches, x, kernel_size, dilation, offset, "patches")
+    return backends.resolve(x).rg_scatter(patches, x, kernel_size, dilation, offset)
+
+
+def rg_coupling(x, s, t, kernel_size, dilation, offset, parity):
+    """Fused gather + checkerboard tanh-clamped affine coupling + log-det.
+
+    ``x (B, C, L, L)``; ``s``, ``t (B*P, C, k, k)`` in gather order (``s`` pre-tanh).
+    Parity 0 transforms the patch positions with ``a+b`` odd, parity 1 those with ``a+b``
+    even. Returns ``y (B, C, L, L)`` with ``y = x*exp(tanh s) + t`` at transformed
+    positions (all other pixels unchanged) and ``ldj (B,) = Σ tanh s`` over them.
+    """
+    _check_image(x)
+    _check_patches(s, x, kernel_size, dilation, offset, "s")
+    _check_patches(t, x, kernel_size, dilation, offset, "t")
+    _check_parity(parity)
+    return backends.resolve(x).rg_coupling(x, s, t, kernel_size, dilation, offset, parity)
+
+
+def rg_coupling_inverse(y, s, t, kernel_size, dilation, offset, parity):
+    """Inverse of :func:`rg_coupling`: ``x = (y - t)*exp(-tanh s)`` at transformed
+    positions; returns ``(x (B, C, L, L), inv_ldj (B,) = -Σ tanh s)``."""
+    _check_image(y, "y")
+    _check_patches(s, y, kernel_size, dilation, offset, "s")
+    _check_patches(t, y, kernel_size, dilation, offset, "t")
+    _check_parity(parity)
+    return backends.resolve(y).rg_coupling_inverse(y, s, t, kernel_size, dilation, offset, parity)
