@@ -15,6 +15,7 @@ from torch import nn
 from . import backends, reference
 from . import functional as F
 from .geometry import BlockSpec, block_specs, num_levels
+from .invertible import invertible_forward
 from .nets import ResidualMLP
 from .priors import Prior
 
@@ -41,7 +42,8 @@ class RGBlock(nn.Module):
 
     Under backend ``"torch"`` it computes as the original code (gather once, couple on the
     patch tensor, scatter once); other backends apply each step with the fused
-    :func:`rgflow_fast.functional.rg_coupling` on the image.
+    :func:`rgflow_fast.functional.rg_coupling_step` on the image, which also emits the next
+    step's net input.
     """
 
     def __init__(self, spec: BlockSpec, channels: int, n_layers: int, n_res_blocks: int, n_mlp: int, hidden: int):
@@ -72,11 +74,18 @@ class RGBlock(nn.Module):
                 u, rows = couple(u, *layer.nets(keep * u), parity)
                 ldj = ldj + rows.reshape(x.shape[0], -1).sum(dim=1)
             return reference.rg_scatter(u, x, *geometry), ldj
-        couple = F.rg_coupling_inverse if inverse else F.rg_coupling
-        for layer, parity in self._steps(inverse):
-            u = F.rg_gather(x, *geometry)
-            keep = 1 - reference.checkerboard(k, parity, u)
-            x, step_ldj = couple(x, *layer.nets(keep * u), *geometry, parity)
+        # Fused path: parities alternate, so the half a step transforms is the half the next
+        # step keeps; each step's op also emits that masked half as the next step's net input,
+        # and the image is read and written once per step (the last step emits nothing).
+        steps = list(self._steps(inverse))
+        u = F.rg_gather(x, *geometry)
+        v = (1 - reference.checkerboard(k, steps[0][1], u)) * u
+        for i, (layer, parity) in enumerate(steps):
+            s, t = layer.nets(v)
+            if i + 1 < len(steps):
+                x, step_ldj, v = F.rg_coupling_step(x, s, t, *geometry, parity, inverse)
+            else:
+                x, step_ldj = (F.rg_coupling_inverse if inverse else F.rg_coupling)(x, s, t, *geometry, parity)
             ldj = ldj + step_ldj
         return x, ldj
 
@@ -108,6 +117,10 @@ class RGFlow(nn.Module):
     RG level (both blocks of a level use it). ``temperature`` is the prior's: a float, or one
     value per level.
 
+    ``memory_efficient=True`` trains with invertible backpropagation
+    (:mod:`rgflow_fast.invertible`): no per-block activations are stored; the backward pass
+    rebuilds each block's input by inverting its output. Same gradients up to float rounding.
+
     ``check_inputs`` (default True) validates every input, including a finiteness check
     that costs one device sync per call: NaN or inf input raises ``ValueError``. Set it to
     False to skip the check (then NaN propagates to the outputs).
@@ -124,6 +137,7 @@ class RGFlow(nn.Module):
         hidden=512,
         prior: str = "laplace",
         temperature=1.0,
+        memory_efficient: bool = False,
     ):
         super().__init__()
         n = num_levels(image_size, kernel_size)
@@ -153,6 +167,7 @@ class RGFlow(nn.Module):
         )
         self.prior = Prior(prior, channels, image_size, kernel_size, temperature)
         self.check_inputs = True
+        self.memory_efficient = memory_efficient
 
     @property
     def config(self) -> dict:
@@ -178,7 +193,7 @@ class RGFlow(nn.Module):
                 f"{name} must have shape (B, {', '.join(map(str, expected))}) for this model; "
                 f"got {tuple(x.shape)}"
             )
-        param = self.prior.scale
+        param = next(self.parameters())
         if x.dtype != param.dtype or x.device != param.device:
             raise ValueError(
                 f"{name} is {x.dtype} on {x.device} but the model is {param.dtype} on "
@@ -195,6 +210,8 @@ class RGFlow(nn.Module):
     def forward(self, x):
         """``x (B, C, L, L) -> (z, ldj (B,))``, data to latent."""
         self._check(x, "x")
+        if self.memory_efficient and torch.is_grad_enabled():
+            return invertible_forward(self.blocks, x)
         ldj = x.new_zeros(x.shape[0])
         for block in self.blocks:
             x, block_ldj = block(x)

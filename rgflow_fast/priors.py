@@ -35,7 +35,7 @@ class Prior(nn.Module):
         self.image_size = image_size
         self.n_levels = num_levels(image_size, kernel_size)
         self.register_buffer("levels", latent_levels(image_size, kernel_size), persistent=False)
-        self.register_buffer("scale", self._scales(temperature))
+        self.register_buffer("scale", self._scales(temperature).to(torch.get_default_dtype()))
 
     def _scales(self, temperature) -> torch.Tensor:
         """Per-level scales (float64 on CPU) for a float or per-level temperature."""

@@ -38,10 +38,11 @@ def test_any_original_config_round_trips(seed, config):
     x = torch.randn(2, config["nchannels"], config["L"], config["L"], dtype=torch.float64)
     with rf.use_backend("torch"):
         torch.testing.assert_close(loaded.log_prob(x), ours.log_prob(x), rtol=0, atol=0)
-    # Laplace b = T/sqrt(2), Gaussian std = T, as the original stores them
+    # Laplace b = T/sqrt(2), Gaussian std = T, as the original stores them (the model was built
+    # in float32, so T is float32-rounded)
     T = config.get("temperature", 1.0)
     expected = T / 2**0.5 if config["prior"] == "laplace" else T
-    assert sd["prior.scale"].item() == pytest.approx(expected, rel=1e-15)
+    assert sd["prior.scale"].item() == pytest.approx(expected, rel=1e-7)
     assert sd["prior.scale"].shape == ()
 
 

@@ -7,6 +7,12 @@ from rgflow_fast.geometry import latent_levels
 from rgflow_fast.priors import Prior
 
 
+def float64_prior(kind, channels, L, k, temperature):
+    prior = Prior(kind, channels, L, k).double()
+    prior.set_temperature(temperature)  # set in float64, not rounded through float32
+    return prior
+
+
 def make_dist(kind, T):
     zero, T = torch.tensor(0.0, dtype=torch.float64), torch.tensor(T, dtype=torch.float64)
     if kind == "laplace":
@@ -17,7 +23,7 @@ def make_dist(kind, T):
 @pytest.mark.parametrize("T", [1.0, 0.3, 2.5])
 @pytest.mark.parametrize("kind", ["laplace", "gaussian"])
 def test_log_prob_matches_torch_distributions(seed, kind, T):
-    prior = Prior(kind, 2, 8, 4, temperature=T).double()
+    prior = float64_prior(kind, 2, 8, 4, T)
     z = torch.randn(3, 2, 8, 8, dtype=torch.float64) * 2
     dist = make_dist(kind, T)
     expected = dist.log_prob(z).reshape(3, -1).sum(1)
@@ -29,7 +35,7 @@ def test_log_prob_matches_torch_distributions(seed, kind, T):
 def test_mixed_temperature_uses_each_pixels_level(seed, kind):
     L, k = 16, 2  # 4 levels
     temps = [0.5, 1.0, 1.5, 2.0]
-    prior = Prior(kind, 1, L, k, temperature=temps).double()
+    prior = float64_prior(kind, 1, L, k, temps)
     z = torch.randn(2, 1, L, L, dtype=torch.float64)
     levels = latent_levels(L, k)
     total = torch.zeros(2, dtype=torch.float64)
@@ -44,7 +50,7 @@ def test_mixed_temperature_uses_each_pixels_level(seed, kind):
 @pytest.mark.parametrize("kind", ["laplace", "gaussian"])
 def test_samples_have_the_prior_statistics(seed, kind):
     temps = [0.5, 2.0]
-    prior = Prior(kind, 1, 8, 4, temperature=temps).double()
+    prior = float64_prior(kind, 1, 8, 4, temps)
     z = prior.sample(4000)
     levels = latent_levels(8, 4)
     for h, T in enumerate(temps):
