@@ -1,7 +1,10 @@
 """Backend selection: the one dispatch point every RG op goes through.
 
 Backends are modules that implement the ops of :mod:`rgflow_fast.functional`
-(``rg_gather``, ``rg_scatter``, ``rg_coupling``, ``rg_coupling_inverse``) plus two probes:
+(``rg_gather``, ``rg_scatter``, ``rg_coupling``, ``rg_coupling_inverse``, and optionally
+``rg_coupling_step(x, s, t, k, d, off, parity, inverse) -> (y, ldj, v)``: one coupling step
+that also returns the next step's net input ``v = checkerboard(parity) ⊙ gather(y)``; see
+``rgflow_fast.reference.rg_coupling_step``) plus two probes:
 ``unavailable_reason()`` (why the backend cannot load at all, or None) and
 ``unsupported_reason(tensor)`` (why it cannot run on that tensor, or None).
 
@@ -12,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import functools
 import importlib
 import os
 from types import ModuleType
@@ -51,15 +53,21 @@ def _check_name(name: str, source: str) -> str:
     return name
 
 
-@functools.lru_cache(maxsize=None)
+# A plain dict rather than functools.lru_cache: torch.compile reads it without tracing the import.
+_loaded: dict[str, tuple[ModuleType | None, str | None]] = {}
+
+
 def _load(name: str) -> tuple[ModuleType | None, str | None]:
     """Import a backend once; returns (module, None) or (None, reason)."""
-    try:
-        module = importlib.import_module(_MODULES[name])
-    except ImportError as exc:
-        return None, f"its module could not be imported ({exc})"
-    reason = module.unavailable_reason()
-    return (None, reason) if reason else (module, None)
+    if name not in _loaded:
+        try:
+            module = importlib.import_module(_MODULES[name])
+        except ImportError as exc:
+            _loaded[name] = None, f"its module could not be imported ({exc})"
+        else:
+            reason = module.unavailable_reason()
+            _loaded[name] = (None, reason) if reason else (module, None)
+    return _loaded[name]
 
 
 def current_backend() -> str:

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import torch
 
-from . import backends
+from . import backends, reference
 from .geometry import check_patch_geometry
 
-__all__ = ["rg_gather", "rg_scatter", "rg_coupling", "rg_coupling_inverse"]
+__all__ = ["rg_gather", "rg_scatter", "rg_coupling", "rg_coupling_inverse", "rg_coupling_step"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -95,3 +95,25 @@ def rg_coupling_inverse(y, s, t, kernel_size, dilation, offset, parity):
     _check_patches(t, y, kernel_size, dilation, offset, "t")
     _check_parity(parity)
     return backends.resolve(y).rg_coupling_inverse(y, s, t, kernel_size, dilation, offset, parity)
+
+
+def rg_coupling_step(x, s, t, kernel_size, dilation, offset, parity, inverse=False):
+    """One step of an RNVP stack on the image, plus the masked patches the next step's nets read.
+
+    Returns ``(y, ldj, v)``: ``(y, ldj)`` as :func:`rg_coupling` (``inverse=True``: as
+    :func:`rg_coupling_inverse`) and ``v (B*P, C, k, k) = mask ⊙ rg_gather(y)``, where
+    ``mask`` is this step's transformed half — the positions the next step (parity
+    ``1 - parity``) keeps, so ``v`` is its net input. Backends without a fused version run
+    :func:`rg_coupling` and :func:`rg_gather`.
+    """
+    _check_image(x)
+    _check_patches(s, x, kernel_size, dilation, offset, "s")
+    _check_patches(t, x, kernel_size, dilation, offset, "t")
+    _check_parity(parity)
+    if not isinstance(inverse, bool):
+        raise TypeError(f"inverse must be a bool; got {inverse!r}")
+    module = backends.resolve(x)
+    step = getattr(module, "rg_coupling_step", None)
+    if step is None:
+        return reference.coupling_step_from(module, x, s, t, kernel_size, dilation, offset, parity, inverse)
+    return step(x, s, t, kernel_size, dilation, offset, parity, inverse)

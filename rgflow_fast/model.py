@@ -42,8 +42,8 @@ class RGBlock(nn.Module):
 
     Under backend ``"torch"`` it computes as the original code (gather once, couple on the
     patch tensor, scatter once); other backends apply each step with the fused
-    :func:`rgflow_fast.functional.rg_coupling_step` on the image, which also emits the next
-    step's net input.
+    :func:`rgflow_fast.functional.rg_coupling_step`, which also emits the next step's net
+    input: on the image at level 0, on the gathered patch tensor above.
     """
 
     def __init__(self, spec: BlockSpec, channels: int, n_layers: int, n_res_blocks: int, n_mlp: int, hidden: int):
@@ -74,20 +74,29 @@ class RGBlock(nn.Module):
                 u, rows = couple(u, *layer.nets(keep * u), parity)
                 ldj = ldj + rows.reshape(x.shape[0], -1).sum(dim=1)
             return reference.rg_scatter(u, x, *geometry), ldj
-        # Fused path: parities alternate, so the half a step transforms is the half the next
-        # step keeps; each step's op also emits that masked half as the next step's net input,
-        # and the image is read and written once per step (the last step emits nothing).
+        # Fused path. Parities alternate, so the half a step transforms is the half the next
+        # step keeps: each step's op also emits it, masked, as the next step's net input. At
+        # level 0 the patches tile the image and the steps run on the image itself; above, the
+        # patches cover only 1/4^h of it, so the block gathers once, runs its steps on the patch
+        # tensor seen as a batch of k×k images (geometry k, 1, 0), and scatters once, rather
+        # than copying the whole image at every step (traffic counts: kernels/rg_coupling.py).
         steps = list(self._steps(inverse))
         u = F.rg_gather(x, *geometry)
         v = (1 - reference.checkerboard(k, steps[0][1], u)) * u
+        on_image = self.spec.dilation == 1
+        state, step_geometry = (x, geometry) if on_image else (u, (k, 1, 0))
+        rows_ldj = state.new_zeros(state.shape[0])
         for i, (layer, parity) in enumerate(steps):
             s, t = layer.nets(v)
             if i + 1 < len(steps):
-                x, step_ldj, v = F.rg_coupling_step(x, s, t, *geometry, parity, inverse)
+                state, step_ldj, v = F.rg_coupling_step(state, s, t, *step_geometry, parity, inverse)
             else:
-                x, step_ldj = (F.rg_coupling_inverse if inverse else F.rg_coupling)(x, s, t, *geometry, parity)
-            ldj = ldj + step_ldj
-        return x, ldj
+                couple = F.rg_coupling_inverse if inverse else F.rg_coupling
+                state, step_ldj = couple(state, s, t, *step_geometry, parity)
+            rows_ldj = rows_ldj + step_ldj
+        if on_image:
+            return state, rows_ldj
+        return F.rg_scatter(state, x, *geometry), rows_ldj.reshape(x.shape[0], -1).sum(dim=1)
 
     def forward(self, x):
         return self._run(x, inverse=False)
