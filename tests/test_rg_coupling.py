@@ -11,6 +11,7 @@ import torch
 
 import rgflow_fast as rf
 from conftest import DEVICES, FAST_BACKENDS, skip_unless_device
+from rgflow_fast import backends
 from rgflow_fast import functional as F
 
 # (L, k, dilation, offset): kernels 2 and 4, every level of 1 to 4-level images, both offsets.
@@ -181,3 +182,25 @@ class TestTritonOps:
         with rf.use_backend("triton"):
             with pytest.raises(RuntimeError, match=rf"cannot run on a {dtype} tensor on cpu: .*{reason}.*Backends that can: \[.*'torch'"):
                 F.rg_gather(torch.zeros(1, 1, 4, 4, dtype=dtype), 2, 1, 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)])
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_half_precision_on_cuda(seed, backend, dtype, tol):
+    # half inputs, computed in float32 and rounded once per output: compared with the
+    # reference on the same (exactly representable) values in float32
+    skip_unless_device("cuda")
+    x, s, t = case(16, 4, 1, "cuda", torch.float32)
+    x, s, t = (v.to(dtype) for v in (x, s, t))
+    reason = backends._load(backend)[0].unsupported_reason(x)
+    if reason is not None:
+        pytest.skip(f"backend {backend!r}: {reason}")
+    with rf.use_backend(backend):
+        y, ldj, v = F.rg_coupling_step(x, s, t, 4, 1, 2, 1, False)
+    with rf.use_backend("torch"):
+        y32, ldj32, v32 = F.rg_coupling_step(x.float(), s.float(), t.float(), 4, 1, 2, 1, False)
+    for got, want in ((y, y32), (v, v32)):
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
+    torch.testing.assert_close(ldj.float(), ldj32, rtol=tol, atol=tol * ldj32.abs().max().item())
