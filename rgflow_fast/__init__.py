@@ -33,7 +33,7 @@ def _register_source_kernels() -> None:
 
 _register_source_kernels()
 
-from . import functional, nn, transforms  # noqa: E402
+from . import analysis, functional, nn, transforms  # noqa: E402
 from .backends import available_backends, current_backend, use_backend  # noqa: E402
 from .model import RGFlow  # noqa: E402
 from .original import from_original, to_original  # noqa: E402
@@ -45,6 +45,7 @@ __all__ = [
     "use_backend",
     "current_backend",
     "available_backends",
+    "analysis",
     "functional",
     "nn",
     "transforms",

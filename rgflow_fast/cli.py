@@ -34,7 +34,7 @@ def _info(args) -> int:
 
 
 # Modules that add subcommands: each has ``add_commands(subparsers)``.
-COMMAND_MODULES = ()
+COMMAND_MODULES = ("rgflow_fast.analysis",)
 
 
 def build_parser() -> argparse.ArgumentParser:

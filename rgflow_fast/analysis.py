@@ -1,0 +1,527 @@
+"""The paper's analysis tools: causal cones, receptive fields, hyperbolic mixing, latent
+walks and inpainting (RG-Flow, Eq. 8 and 9, Figs. 2-6, 10-13, Appendix D).
+
+Images here are in the flow's logit space, ``(B, C, L, L)`` as :class:`rgflow_fast.RGFlow`
+takes them; map pixels in ``[0, 1]`` with :func:`rgflow_fast.transforms.logit_transform`.
+``R`` is the flow's forward map (data → latent), ``G = R⁻¹`` the generator. A latent is
+``l = (channel, i, j)``; its RG level is :func:`latent_levels` ``[i, j]``.
+
+Causal cones come from the block structure alone: every block is a bijection on each of its
+(disjoint) patches, so a change inside a patch can reach every pixel of that patch and no
+other. Propagating a boolean mask through the blocks — forward order for the inference cone,
+reverse order (top level first) for the generation cone — gives the exact set of positions
+that can change. Each RNVP stack of two or more coupling layers does mix all ``C·k²``
+elements of its patch (an element changed at step 1 reaches the other checkerboard half at
+step 2 and its own half at step 3), so for a generic model the cone is also the set that
+does change; with a single layer per block it is an upper bound.
+
+The subcommands ``receptive-fields``, ``mix``, ``inpaint`` and ``walk`` of ``rgflow-fast``
+write these analyses as PNGs.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .backends import use_backend
+from .geometry import block_specs, latent_levels, num_levels, patch_indices
+from .transforms import inverse_logit_transform, logit_transform
+
+__all__ = [
+    "latent_levels",
+    "causal_cone",
+    "generation_cone",
+    "inference_cone",
+    "receptive_fields",
+    "receptive_field",
+    "receptive_field_strengths",
+    "strength_statistics",
+    "mix",
+    "walk",
+    "inpaint",
+    "add_commands",
+]
+
+_DIRECTIONS = ("generation", "inference")
+
+
+# ----------------------------------------------------------------------------- causal cones
+
+
+def causal_cone(mask: torch.Tensor, kernel_size: int, direction: str) -> torch.Tensor:
+    """Propagate boolean masks ``(..., L, L)`` through the blocks of an RG-Flow.
+
+    ``direction="inference"``: ``mask`` marks pixels; returns the latent positions that a
+    change of those pixels can reach (blocks in forward order). ``direction="generation"``:
+    ``mask`` marks latent positions; returns the pixels they can change (blocks in inverse
+    order, top level first). Through each block, a position is in the output iff it lies in
+    a patch holding a marked position, or is marked and lies in no patch. The cone of a set
+    is the union of the cones of its members.
+    """
+    if direction not in _DIRECTIONS:
+        raise ValueError(f"direction must be one of {_DIRECTIONS}; got {direction!r}")
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() < 2:
+        raise TypeError(f"mask must be a bool tensor of shape (..., L, L); got {_describe(mask)}")
+    L = mask.shape[-1]
+    if mask.shape[-2] != L:
+        raise ValueError(f"mask must be square (..., L, L); got {tuple(mask.shape)}")
+    specs = block_specs(L, kernel_size)
+    if direction == "generation":
+        specs = specs[::-1]
+    out = mask.clone()
+    for spec in specs:
+        rows, cols = patch_indices(L, kernel_size, spec.dilation, spec.offset, mask.device)
+        hit = out[..., rows, cols].any(dim=-1, keepdim=True)  # (..., P, 1)
+        out[..., rows, cols] = hit.expand(*hit.shape[:-1], rows.shape[-1])
+    return out
+
+
+def _point(image_size: int, kernel_size: int, i: int, j: int, device=None) -> torch.Tensor:
+    num_levels(image_size, kernel_size)
+    for name, v in (("i", i), ("j", j)):
+        if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < image_size:
+            raise ValueError(f"{name} must be an int in [0, {image_size}); got {v!r}")
+    mask = torch.zeros(image_size, image_size, dtype=torch.bool, device=device)
+    mask[i, j] = True
+    return mask
+
+
+def generation_cone(image_size: int, kernel_size: int, i: int, j: int) -> torch.Tensor:
+    """Pixels ``(L, L)`` bool that the latent at ``(i, j)`` (any channel) can change."""
+    return causal_cone(_point(image_size, kernel_size, i, j), kernel_size, "generation")
+
+
+def inference_cone(image_size: int, kernel_size: int, i: int, j: int) -> torch.Tensor:
+    """Latent positions ``(L, L)`` bool that a change of pixel ``(i, j)`` can reach.
+
+    It holds O(1) latents per RG level, O(log L) in all (paper §3).
+    """
+    return causal_cone(_point(image_size, kernel_size, i, j), kernel_size, "inference")
+
+
+# -------------------------------------------------------------------------- receptive fields
+
+
+def _describe(x) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"a {x.dtype} tensor of shape {tuple(x.shape)}"
+    return type(x).__name__
+
+
+def _check_latents(model, latents) -> list[tuple[int, int, int]]:
+    latents = [tuple(l) for l in latents]
+    L, C = model.image_size, model.channels
+    for l in latents:
+        if len(l) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) for v in l) or not (
+            0 <= l[0] < C and 0 <= l[1] < L and 0 <= l[2] < L
+        ):
+            raise ValueError(
+                f"each latent must be (channel, i, j) with 0 <= channel < {C} and 0 <= i, j < {L}; got {l}"
+            )
+    if not latents:
+        raise ValueError("latents must name at least one (channel, i, j)")
+    return latents
+
+
+def _prior_samples(model, n_samples, z, temperature, generator):
+    if z is not None:
+        model._check(z, "z")
+        return z
+    if not isinstance(n_samples, int) or isinstance(n_samples, bool) or n_samples < 1:
+        raise ValueError(f"n_samples must be an int >= 1; got {n_samples!r}")
+    return model.prior.sample(n_samples, temperature, generator=generator)
+
+
+def _check_batch_size(batch_size):
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1; got {batch_size!r}")
+
+
+def _expected_jvp(model, z: torch.Tensor, tangents: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """``mean_s ∂G(z_s)·v_t`` for every tangent ``v_t``: ``z (S, C, L, L)``, ``tangents (T, C, L, L)``
+    → ``(T, C, L, L)``, in batches of ``batch_size`` (sample, tangent) pairs.
+
+    ``J·v`` is the gradient over ``u`` of ``(Jᵀu)·v``: two vector-Jacobian products, never the
+    Jacobian. They run on the reference ops (backend ``"torch"``), which are differentiable
+    twice on every device; a fused kernel's backward need not be.
+    """
+    S, T = z.shape[0], tangents.shape[0]
+    out = torch.zeros_like(tangents)
+    with use_backend("torch"), torch.enable_grad():
+        for chunk in torch.arange(S * T, device=z.device).split(batch_size):
+            s, t = chunk // T, chunk % T
+            zs = z[s].detach().requires_grad_(True)
+            x = model.inverse(zs)[0]
+            u = torch.zeros_like(x, requires_grad=True)
+            (vjp,) = torch.autograd.grad(x, zs, u, create_graph=True)
+            (jvp,) = torch.autograd.grad(vjp, u, tangents[t])
+            out.index_add_(0, t, jvp.detach())
+    return out / S
+
+
+def receptive_fields(model, latents, n_samples: int = 64, *, z=None, temperature=None,
+                     batch_size: int = 64, generator=None) -> torch.Tensor:
+    """Receptive fields ``RF_l = E_{z~p_Z} ∂G(z)/∂z_l`` (paper Eq. 8) of several latents.
+
+    ``latents``: ``(channel, i, j)`` triples, ``T`` of them. The expectation is the mean over
+    ``n_samples`` draws from the model's prior at ``temperature`` (default: the model's own),
+    or over the given samples ``z (S, C, L, L)``. Returns ``(T, C, L, L)``; ``RF_l`` is zero
+    outside the generation cone of ``l``. Cost: ``T·S`` Jacobian-vector products (each one
+    pass of ``G`` and two reverse passes), ``batch_size`` at a time.
+    """
+    latents = _check_latents(model, latents)
+    _check_batch_size(batch_size)
+    z = _prior_samples(model, n_samples, z, temperature, generator)
+    tangents = z.new_zeros(len(latents), *z.shape[1:])
+    for t, (c, i, j) in enumerate(latents):
+        tangents[t, c, i, j] = 1
+    return _expected_jvp(model, z, tangents, batch_size)
+
+
+def receptive_field(model, i: int, j: int, channel: int = 0, n_samples: int = 64, **kwargs) -> torch.Tensor:
+    """Receptive field ``(C, L, L)`` of the latent ``(channel, i, j)``; see :func:`receptive_fields`."""
+    return receptive_fields(model, [(channel, i, j)], n_samples, **kwargs)[0]
+
+
+def _disjoint_groups(cones: torch.Tensor, order: torch.Tensor) -> list[list[int]]:
+    """Greedy partition of positions into groups whose cones ``(N, L, L)`` are pairwise
+    disjoint, visiting positions in ``order`` (widest cones first packs best)."""
+    groups: list[list[int]] = []
+    union = cones.new_zeros(0, cones[0].numel())
+    flat = cones.flatten(1)
+    for p in order.tolist():
+        free = (~(union & flat[p]).any(dim=1)).nonzero()
+        if len(free):
+            g = int(free[0])
+            groups[g].append(p)
+            union[g] |= flat[p]
+        else:
+            groups.append([p])
+            union = torch.cat([union, flat[p][None]])
+    return groups
+
+
+def receptive_field_strengths(model, n_samples: int = 16, *, z=None, temperature=None,
+                              batch_size: int = 64, generator=None) -> torch.Tensor:
+    """Strength ``‖RF_l‖₂`` (over channels and pixels) of every latent, ``(C, L, L)``: the
+    statistics of paper Fig. 3(c).
+
+    Latents whose generation cones are disjoint share one Jacobian-vector product (their
+    receptive fields have disjoint supports, so each is read back from the sum on its own
+    cone): ``C·G`` products per sample instead of ``C·L²``, with ``G`` = 268 groups of
+    positions instead of 1024 at ``L = 32, k = 4`` (498 instead of 4096 at ``L = 64``). The
+    cones of all positions are held at once, ``L⁴`` bytes (16 MiB at ``L = 64``).
+    """
+    _check_batch_size(batch_size)
+    z = _prior_samples(model, n_samples, z, temperature, generator)
+    L, C, k = model.image_size, model.channels, model.kernel_size
+    eye = torch.eye(L * L, dtype=torch.bool, device=z.device).view(L * L, L, L)
+    cones = causal_cone(eye, k, "generation")  # (L², L, L)
+    levels = latent_levels(L, k).flatten()
+    groups = _disjoint_groups(cones, torch.argsort(levels, descending=True, stable=True))
+    tangents = z.new_zeros(len(groups), C, C, L * L)
+    for g, members in enumerate(groups):
+        tangents[g, torch.arange(C), torch.arange(C), torch.tensor(members)[:, None]] = 1
+    sums = _expected_jvp(model, z, tangents.view(-1, C, L, L), batch_size).view(len(groups), C, C, L * L)
+    strengths = z.new_empty(C, L * L)
+    for g, members in enumerate(groups):
+        for p in members:
+            strengths[:, p] = (sums[g] * cones[p].flatten()).flatten(1).norm(dim=1)
+    return strengths.view(C, L, L)
+
+
+def strength_statistics(strengths: torch.Tensor, kernel_size: int, threshold: float = 1.0,
+                        bins: int = 20) -> list[dict]:
+    """Per-level summary of receptive-field strengths ``(C, L, L)`` (paper Fig. 3(c)).
+
+    For each RG level: the number of latents, how many have strength above ``threshold``
+    (the paper calls those with strength > 1 visible), mean, median and max, and a histogram
+    of ``log10`` strength (``bins`` equal bins over all levels' range).
+    """
+    if not isinstance(strengths, torch.Tensor) or strengths.dim() != 3 or strengths.shape[1] != strengths.shape[2]:
+        raise ValueError(f"strengths must be a (C, L, L) tensor; got {_describe(strengths)}")
+    levels = latent_levels(strengths.shape[-1], kernel_size).to(strengths.device).expand_as(strengths)
+    logs = strengths.double().clamp_min(1e-30).log10()
+    lo, hi = float(logs.min()), float(logs.max())
+    if hi <= lo:
+        hi = lo + 1.0
+    stats = []
+    for h in range(int(levels.max()) + 1):
+        values = strengths[levels == h].double()
+        counts = torch.histc(logs[levels == h], bins=bins, min=lo, max=hi)
+        stats.append({
+            "level": h,
+            "count": values.numel(),
+            "above_threshold": int((values > threshold).sum()),
+            "mean": float(values.mean()),
+            "median": float(values.median()),
+            "max": float(values.max()),
+            "log10_bin_edges": torch.linspace(lo, hi, bins + 1).tolist(),
+            "histogram": [int(c) for c in counts.tolist()],
+        })
+    return stats
+
+
+# ------------------------------------------------------------------- mixing, walks, inpainting
+
+
+def mix(model, x_a: torch.Tensor, x_b: torch.Tensor, lam: int) -> torch.Tensor:
+    """Hyperbolic mixing (paper Eq. 9): ``z⁽ʰ⁾ = z_A⁽ʰ⁾`` for levels ``h >= lam``, ``z_B⁽ʰ⁾``
+    below, with ``z = R(x)``; returns ``G(z)`` ``(B, C, L, L)``.
+
+    ``lam = 0`` takes every level from A (returns ``G(R(x_a))``), ``lam = n_levels`` every
+    level from B; in between, A gives the large scales and B the fine ones.
+    """
+    model._check(x_a, "x_a")
+    model._check(x_b, "x_b")
+    if x_a.shape != x_b.shape:
+        raise ValueError(f"x_a and x_b must have the same shape; got {tuple(x_a.shape)} and {tuple(x_b.shape)}")
+    if not isinstance(lam, int) or isinstance(lam, bool) or not 0 <= lam <= model.n_levels:
+        raise ValueError(f"lam must be an int in [0, {model.n_levels}] (the model's RG levels); got {lam!r}")
+    with torch.no_grad():
+        z_a, z_b = model(x_a)[0], model(x_b)[0]
+        from_a = model.prior.levels >= lam
+        return model.inverse(torch.where(from_a, z_a, z_b))[0]
+
+
+def walk(model, x: torch.Tensor, i: int, j: int, channel: int, values) -> torch.Tensor:
+    """Vary one latent (paper Fig. 4): ``x (C, L, L)`` → frames ``(V, C, L, L)``, frame ``v``
+    is ``G(z)`` with ``z = R(x)`` and ``z[channel, i, j] = values[v]``."""
+    _check_latents(model, [(channel, i, j)])
+    if not isinstance(x, torch.Tensor) or x.dim() != 3:
+        raise ValueError(f"x must be one image (C, L, L); got {_describe(x)}")
+    values = torch.as_tensor(values, dtype=x.dtype, device=x.device).flatten()
+    if values.numel() == 0:
+        raise ValueError("values must hold at least one latent value")
+    model._check(x[None], "x[None]")
+    with torch.no_grad():
+        z = model(x[None])[0].repeat(values.numel(), 1, 1, 1)
+        z[:, channel, i, j] = values
+        return model.inverse(z)[0]
+
+
+def inpaint(model, x: torch.Tensor, mask: torch.Tensor, *, n_starts: int = 200, steps: int = 300,
+            lr: float = 0.05, restrict_to_cone: bool = True, noise_std: float = 1.0,
+            temperature=None, batch_size: int = 64, generator=None):
+    """Inpaint the region ``mask`` of images ``x (B, C, L, L)`` (paper Appendix D).
+
+    The region is filled with Gaussian noise (std ``noise_std``) and encoded, ``z₀ = R(x̃)``.
+    The varied latents are those in the inference cone of the region (every channel), or all
+    latents with ``restrict_to_cone=False``; latents outside the cone do not depend on the
+    region, so they stay at ``z₀``. Candidate fill ``x(z) = mask ? G(z) : x``, scored by
+    ``log p(x(z))``. Start from the best of ``z₀`` and ``n_starts`` prior draws (at
+    ``temperature``) for the varied latents, then run ``steps`` of Adam (``lr``) on them.
+
+    ``mask``: ``(L, L)`` bool, True where pixels are missing. Returns ``(image (B, C, L, L),
+    n_varied)``: the image equals ``x`` outside the mask, and ``n_varied`` is the number of
+    latents varied per image (``C·|cone|``; ``C·L²`` without the restriction).
+    """
+    model._check(x, "x")
+    L = model.image_size
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (L, L):
+        raise ValueError(f"mask must be a ({L}, {L}) bool tensor (True = missing); got {_describe(mask)}")
+    if not mask.any():
+        raise ValueError("mask is empty: mark at least one missing pixel")
+    for name, v, lo in (("n_starts", n_starts, 0), ("steps", steps, 0), ("batch_size", batch_size, 1)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+            raise ValueError(f"{name} must be an int >= {lo}; got {v!r}")
+    mask = mask.to(x.device)
+    B, C = x.shape[:2]
+    noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+    corrupted = torch.where(mask, noise_std * noise, x)
+    vary = causal_cone(mask, model.kernel_size, "inference") if restrict_to_cone else torch.ones_like(mask)
+
+    def filled(z):
+        return torch.where(mask, model.inverse(z)[0], x)
+
+    with torch.no_grad():
+        z0 = model(corrupted)[0]
+        starts = model.prior.sample(B * n_starts, temperature, generator=generator)
+        candidates = torch.cat([z0[:, None], starts.view(B, n_starts, C, L, L)], dim=1)
+        candidates = torch.where(vary, candidates, z0[:, None])  # (B, 1 + n_starts, C, L, L)
+        flat = candidates.flatten(0, 1)
+        images = x.repeat_interleave(n_starts + 1, dim=0)
+        scores = torch.cat([
+            model.log_prob(torch.where(mask, model.inverse(zc)[0], xc))
+            for zc, xc in zip(flat.split(batch_size), images.split(batch_size))
+        ]).view(B, n_starts + 1)
+        best = candidates[torch.arange(B), scores.argmax(dim=1)]
+    z = best.clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([z], lr=lr)
+    for _ in range(steps):
+        # gradients w.r.t. the latents only: the model's own parameters stay untouched
+        loss = -model.log_prob(filled(torch.where(vary, z, z0))).sum()
+        (grad,) = torch.autograd.grad(loss, [z])
+        z.grad = grad
+        optimizer.step()
+    with torch.no_grad():
+        image = filled(torch.where(vary, z, z0))
+    return image, int(vary.sum()) * C
+
+
+# ---------------------------------------------------------------------------------- the CLI
+
+
+def _vision():
+    try:
+        import torchvision
+    except ImportError as exc:
+        raise SystemExit(
+            "the analysis commands read and write PNGs with torchvision: pip install 'rgflow-fast[vision]'"
+        ) from exc
+    return torchvision
+
+
+def _load(args):
+    from .checkpoint import load_model
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model(args.checkpoint, map_location=device)
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    return model
+
+
+def _read_image(path, model) -> torch.Tensor:
+    """A PNG as one logit-space image ``(C, L, L)`` in the model's dtype and device."""
+    _vision()
+    from PIL import Image  # a torchvision dependency
+
+    if model.channels not in (1, 3):
+        raise SystemExit(f"PNG input needs a 1- or 3-channel model; this one has {model.channels} channels")
+    with Image.open(path) as image:
+        pixels = torch.tensor(np.asarray(image.convert("L" if model.channels == 1 else "RGB")))
+    pixels = pixels.reshape(pixels.shape[0], pixels.shape[1], -1).permute(2, 0, 1)
+    L = model.image_size
+    if tuple(pixels.shape[1:]) != (L, L):
+        raise SystemExit(f"{path} is {pixels.shape[2]}x{pixels.shape[1]}; the model needs {L}x{L}: resize it first")
+    return logit_transform((pixels.to(model.prior.scale) / 255)[None])[0][0]
+
+
+def _save(images: torch.Tensor, path, nrow: int) -> Path:
+    """Save logit-space images ``(N, C, L, L)`` as a PNG grid, ``nrow`` per row."""
+    tv = _vision()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = inverse_logit_transform(images.detach().float().cpu()).clamp(0, 1)
+    tv.utils.save_image(pixels, path, nrow=nrow, padding=1)
+    return path
+
+
+def _cmd_receptive_fields(args) -> int:
+    model = _load(args)
+    tv = _vision()
+    L, C, k = model.image_size, model.channels, model.kernel_size
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    levels = latent_levels(L, k)
+    picks, counts = [], []
+    for h in range(model.n_levels):
+        positions = (levels == h).nonzero()[torch.randperm(int((levels == h).sum()))[: args.per_level]]
+        picks += [(int(torch.randint(C, ())), int(i), int(j)) for i, j in positions]
+        counts.append(len(positions))
+    fields = receptive_fields(model, picks, args.samples, temperature=args.temperature, batch_size=args.batch_size)
+    # as in paper Figs. 10-13 each field is scaled to unit size, shown as 0.5 + 0.5·RF/max|RF|
+    scaled = fields / fields.flatten(1).abs().amax(dim=1).clamp_min(1e-30)[:, None, None, None]
+    for h, tiles in enumerate(scaled.split(counts)):
+        path = out / f"receptive_fields_level{h}.png"
+        tv.utils.save_image((0.5 + 0.5 * tiles).float().cpu(), path, nrow=math.ceil(math.sqrt(len(tiles))), padding=1)
+        print(f"level {h}: {len(tiles)} receptive fields -> {path}")
+    if args.strengths:
+        strengths = receptive_field_strengths(model, args.samples, temperature=args.temperature,
+                                              batch_size=args.batch_size)
+        stats = strength_statistics(strengths, k)
+        (out / "strengths.json").write_text(json.dumps(stats, indent=1))
+        for s in stats:
+            print(f"level {s['level']}: {s['count']} latents, {s['above_threshold']} with strength > 1, "
+                  f"median {s['median']:.3g}, max {s['max']:.3g}")
+    return 0
+
+
+def _cmd_mix(args) -> int:
+    model = _load(args)
+    x_a, x_b = (_read_image(p, model)[None] for p in (args.image_a, args.image_b))
+    frames = torch.cat([mix(model, x_a, x_b, lam) for lam in range(model.n_levels + 1)])
+    print(f"lambda = 0..{model.n_levels} (0: all levels from A, {model.n_levels}: all from B) -> "
+          f"{_save(frames, args.out, nrow=len(frames))}")
+    return 0
+
+
+def _cmd_inpaint(args) -> int:
+    model = _load(args)
+    x = _read_image(args.image, model)[None]
+    top, left, height, width = args.box
+    L = model.image_size
+    if height < 1 or width < 1 or top < 0 or left < 0 or top + height > L or left + width > L:
+        raise SystemExit(f"--box {args.box} must lie inside the {L}x{L} image with height, width >= 1")
+    mask = torch.zeros(L, L, dtype=torch.bool)
+    mask[top : top + height, left : left + width] = True
+    image, n_varied = inpaint(model, x, mask, n_starts=args.starts, steps=args.steps, lr=args.lr,
+                              restrict_to_cone=not args.all_latents, batch_size=args.batch_size)
+    shown = torch.where(mask.to(x.device), x.new_full((), 10.0), x)  # region shown white
+    path = _save(torch.cat([x, shown, image]), args.out, nrow=3)
+    print(f"varied {n_varied} of {model.num_dims} latents -> {path} (original, region, inpainted)")
+    return 0
+
+
+def _cmd_walk(args) -> int:
+    model = _load(args)
+    x = _read_image(args.image, model) if args.image else model.sample(1, args.temperature)[0]
+    c, i, j = args.latent
+    values = torch.linspace(args.values[0], args.values[1], args.frames)
+    frames = walk(model, x, i, j, c, values)
+    print(f"latent (channel {c}, {i}, {j}), level {int(latent_levels(model.image_size, model.kernel_size)[i, j])}: "
+          f"{args.frames} frames -> {_save(frames, args.out, nrow=args.frames)}")
+    return 0
+
+
+def add_commands(subparsers) -> None:
+    """Add ``receptive-fields``, ``mix``, ``inpaint`` and ``walk`` to the ``rgflow-fast`` CLI."""
+
+    def common(p):
+        p.add_argument("--checkpoint", required=True, help="a checkpoint written by rgflow-fast train")
+        p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+        p.add_argument("--seed", type=int, default=None, help="random seed")
+        return p
+
+    p = common(subparsers.add_parser("receptive-fields", help="receptive fields per level (paper Eq. 8, Figs. 10-13)"))
+    p.add_argument("--out", required=True, help="folder for receptive_fields_level{h}.png (and strengths.json)")
+    p.add_argument("--per-level", type=int, default=16, help="latents drawn at random per level")
+    p.add_argument("--samples", type=int, default=64, help="prior samples in the expectation")
+    p.add_argument("--temperature", type=float, default=None, help="prior temperature (default: the model's)")
+    p.add_argument("--batch-size", type=int, default=64, help="Jacobian-vector products per pass")
+    p.add_argument("--strengths", action="store_true",
+                   help="also write strengths.json: strength statistics of all latents (Fig. 3(c))")
+    p.set_defaults(func=_cmd_receptive_fields)
+
+    p = common(subparsers.add_parser("mix", help="hyperbolic mixing of two images (paper Eq. 9, Fig. 5)"))
+    p.add_argument("image_a", help="PNG giving the large scales")
+    p.add_argument("image_b", help="PNG giving the fine scales")
+    p.add_argument("--out", required=True, help="PNG strip: lambda = 0 (all A) ... n_levels (all B)")
+    p.set_defaults(func=_cmd_mix)
+
+    p = common(subparsers.add_parser("inpaint", help="inpaint a box of an image (paper Appendix D)"))
+    p.add_argument("image", help="PNG to inpaint")
+    p.add_argument("--box", type=int, nargs=4, required=True, metavar=("TOP", "LEFT", "HEIGHT", "WIDTH"),
+                   help="the missing region")
+    p.add_argument("--out", required=True, help="PNG strip: original, region, inpainted")
+    p.add_argument("--all-latents", action="store_true", help="vary all latents, not only the inference cone")
+    p.add_argument("--starts", type=int, default=200, help="random starts (the best one is optimised)")
+    p.add_argument("--steps", type=int, default=300, help="Adam steps")
+    p.add_argument("--lr", type=float, default=0.05, help="Adam learning rate")
+    p.add_argument("--batch-size", type=int, default=64, help="starts scored per pass")
+    p.set_defaults(func=_cmd_inpaint)
+
+    p = common(subparsers.add_parser("walk", help="vary one latent (paper Fig. 4)"))
+    p.add_argument("image", nargs="?", default=None, help="PNG to start from (default: a sample)")
+    p.add_argument("--latent", type=int, nargs=3, required=True, metavar=("CHANNEL", "I", "J"))
+    p.add_argument("--values", type=float, nargs=2, default=(0.0, 1.5), metavar=("FROM", "TO"),
+                   help="range of the latent's value (paper: 0 to 1.5, 0 to 6 at level 0)")
+    p.add_argument("--frames", type=int, default=7, help="frames in the strip")
+    p.add_argument("--temperature", type=float, default=None, help="sampling temperature when no image is given")
+    p.add_argument("--out", required=True, help="PNG strip of the frames")
+    p.set_defaults(func=_cmd_walk)
