@@ -1,0 +1,171 @@
+"""normflows adapters: the wrapped model equals ours in normflows' conventions (forward is
+latent -> data), trains inside a NormalizingFlow beside normflows' own layers, and the fused
+coupling equals normflows' MaskedAffineFlow with a tanh-ended scale net."""
+import pytest
+import torch
+from torch import nn
+
+nf = pytest.importorskip("normflows", reason="the normflows adapters need normflows: pip install 'rgflow-fast[normflows]'")
+
+import rgflow_fast as rf  # noqa: E402
+from rgflow_fast.interop.normflows import RGFlowLayer, RGFlowPrior  # noqa: E402
+
+from conftest import randomize_  # noqa: E402
+from test_nn import transformed_mask  # noqa: E402
+
+TOL = dict(rtol=1e-10, atol=1e-10)
+
+
+@pytest.fixture(autouse=True)
+def float64_default():
+    """normflows accumulates log-dets in zeros of the default dtype; make it float64 so that
+    the comparisons below can be exact."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+def small_model(prior="laplace", temperature=1.0):
+    model = rf.RGFlow(8, 2, kernel_size=4, n_layers=1, n_res_blocks=1, n_mlp=1, hidden=8,
+                      prior=prior, temperature=temperature)
+    return randomize_(model.double())
+
+
+@pytest.mark.parametrize("prior", ["laplace", "gaussian"])
+def test_wrapped_model_matches_ours(seed, prior):
+    model = small_model(prior, temperature=[0.8, 1.3])
+    flow = nf.NormalizingFlow(q0=RGFlowPrior(model), flows=[RGFlowLayer(model)])
+    x = torch.randn(3, 2, 8, 8, dtype=torch.float64)
+    z_ours, ldj = model(x)
+    # normflows' inverse is data -> latent, with log|det dz/dx|
+    z, log_det = flow.inverse_and_log_det(x)
+    torch.testing.assert_close(z, z_ours, **TOL)
+    torch.testing.assert_close(log_det, ldj, **TOL)
+    torch.testing.assert_close(flow.log_prob(x), model.log_prob(x), **TOL)
+    torch.testing.assert_close(flow.forward_kld(x), -model.log_prob(x).mean(), **TOL)
+    # normflows' forward is latent -> data, with log|det dx/dz|
+    x_back, log_det_fwd = flow.forward_and_log_det(z)
+    x_ours, inv_ldj = model.inverse(z)
+    torch.testing.assert_close(x_back, x_ours, **TOL)
+    torch.testing.assert_close(log_det_fwd, inv_ldj, **TOL)
+    torch.testing.assert_close(x_back, x, **TOL)
+    # sampling: log q of the samples is the model's log-likelihood of them
+    samples, log_q = flow.sample(4)
+    assert samples.shape == (4, 2, 8, 8)
+    torch.testing.assert_close(log_q, model.log_prob(samples), rtol=1e-9, atol=1e-9)
+
+
+def test_prior_at_another_temperature(seed):
+    model = small_model()
+    q0 = RGFlowPrior(model.prior, temperature=[0.5, 2.0])
+    z, log_p = q0(5)
+    torch.testing.assert_close(log_p, model.prior.log_prob(z, [0.5, 2.0]), **TOL)
+    torch.testing.assert_close(q0.log_prob(z), log_p, **TOL)
+
+
+def test_one_layer_per_rg_block_is_the_model(seed):
+    model = small_model()
+    # normflows lists flows from the latent side: our last block first
+    flow = nf.NormalizingFlow(RGFlowPrior(model), [RGFlowLayer(block) for block in reversed(model.blocks)])
+    x = torch.randn(2, 2, 8, 8, dtype=torch.float64)
+    torch.testing.assert_close(flow.log_prob(x), model.log_prob(x), **TOL)
+    z, ldj = model(x)
+    torch.testing.assert_close(flow.inverse(x), z, **TOL)
+    torch.testing.assert_close(flow.forward_and_log_det(z)[1], -ldj, **TOL)
+
+
+def test_conditional_coupling_in_conditional_flow(seed):
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(2, 4, 3, padding=1)
+            self.embed = nn.Linear(3, 4)
+
+        def forward(self, v, context):
+            return self.conv(v) + self.embed(context)[:, :, None, None]
+
+    coupling = rf.nn.CheckerboardAffineCoupling(Net().double(), parity=0)
+    model = small_model()
+    flow = nf.ConditionalNormalizingFlow(RGFlowPrior(model), [RGFlowLayer(model), RGFlowLayer(coupling)])
+    x = torch.randn(2, 2, 8, 8, dtype=torch.float64)
+    context = torch.randn(2, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="takes none"):
+        flow.log_prob(x, context)  # the RGFlow in the list is not conditional
+    flow = nf.ConditionalNormalizingFlow(RGFlowPrior(model), [RGFlowLayer(coupling)])
+    y, ldj = coupling(x, context)
+    torch.testing.assert_close(flow.log_prob(x, context), ldj + model.prior.log_prob(y), **TOL)
+    torch.testing.assert_close(flow.forward(y, context), x, **TOL)
+
+
+@pytest.mark.parametrize("parity", [0, 1])
+def test_fused_coupling_matches_masked_affine_flow(seed, parity):
+    """normflows' MaskedAffineFlow is f(z) = b*z + (1-b)*(z*exp(s(b*z)) + t(b*z)) with no
+    clamp; ending its scale net in tanh gives ours. Both compute the same map f in their
+    forward; in a NormalizingFlow, RGFlowLayer(coupling) is Reverse(MaskedAffineFlow)."""
+    C, L = 2, 6
+    s_net = nn.Conv2d(C, C, 3, padding=1).double()
+    t_net = nn.Conv2d(C, C, 3, padding=1).double()
+
+    class PairNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.s, self.t = s_net, t_net
+
+        def forward(self, v):
+            return self.s(v), self.t(v)
+
+    coupling = rf.nn.CheckerboardAffineCoupling(PairNet(), parity)
+    keep = (~transformed_mask(L, parity, torch.empty(0))).double().expand(C, L, L)
+    theirs = nf.flows.MaskedAffineFlow(keep, t=t_net, s=nn.Sequential(s_net, nn.Tanh()))
+    x = torch.randn(3, C, L, L, dtype=torch.float64, requires_grad=True)
+    y, ldj = coupling(x)
+    y_theirs, log_det = theirs(x)
+    torch.testing.assert_close(y, y_theirs, **TOL)
+    torch.testing.assert_close(ldj, log_det, **TOL)
+    w = torch.randn(y.shape, dtype=y.dtype)
+    params = [x, *s_net.parameters(), *t_net.parameters()]
+    for a, b in zip(torch.autograd.grad((y * w).sum() + ldj.sum(), params),
+                    torch.autograd.grad((y_theirs * w).sum() + log_det.sum(), params)):
+        torch.testing.assert_close(a, b, **TOL)
+    x_back, inv_ldj = coupling.inverse(y)
+    x_theirs, inv_log_det = theirs.inverse(y)
+    torch.testing.assert_close(x_back, x_theirs, **TOL)
+    torch.testing.assert_close(inv_ldj, inv_log_det, **TOL)
+    reversed_theirs = nf.flows.Reverse(theirs)
+    for ours_out, theirs_out in ((RGFlowLayer(coupling)(y), reversed_theirs(y)),
+                                 (RGFlowLayer(coupling).inverse(x), reversed_theirs.inverse(x))):
+        torch.testing.assert_close(ours_out[0], theirs_out[0], **TOL)
+        torch.testing.assert_close(ours_out[1], theirs_out[1], **TOL)
+
+
+def test_training_inside_normalizing_flow_lowers_the_loss(seed):
+    """Our RG blocks and couplings between normflows' ActNorm and 1x1 convolutions."""
+    C, L = 2, 8
+    model = rf.RGFlow(L, C, kernel_size=4, n_layers=1, n_res_blocks=1, n_mlp=1, hidden=8)
+    net = nn.Sequential(nn.Conv2d(C, 8, 3, padding=1), nn.Tanh(), nn.Conv2d(8, 2 * C, 3, padding=1))
+    flows = [
+        RGFlowLayer(model.blocks[3]),
+        nf.flows.Invertible1x1Conv(C),
+        RGFlowLayer(rf.nn.CheckerboardAffineCoupling(net, parity=1)),
+        RGFlowLayer(model.blocks[0]),
+        nf.flows.ActNorm((C, 1, 1)),
+    ]
+    flow = nf.NormalizingFlow(RGFlowPrior(model), flows)
+    x = nn.functional.avg_pool2d(torch.randn(8, C, L + 2, L + 2), 3, stride=1)
+    optimizer = torch.optim.Adam(flow.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(4):
+        loss = flow.forward_kld(x) / (C * L * L)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0], losses
+
+
+def test_bad_construction_says_what_to_do():
+    with pytest.raises(TypeError, match="invertible nn.Module"):
+        RGFlowLayer(nn.Identity())
+    with pytest.raises(TypeError, match="RGFlow or its prior"):
+        RGFlowPrior(nn.Identity())
