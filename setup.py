@@ -3,6 +3,6 @@
 from setuptools import setup
 
 setup(
-    packages=["rgflow_fast", "rgflow_fast.kernels"],
+    packages=["rgflow_fast", "rgflow_fast.interop", "rgflow_fast.kernels"],
     package_dir={"rgflow_fast": "rgflow_fast", "rgflow_fast.kernels": "kernels"},
 )
