@@ -159,14 +159,18 @@ def run_case(benchmark, fn, *, name, backend, size, dtype, nbytes=None, flops=No
     """
     info = device_info()
     benchmark.group = name
-    peak_mib = None
+    peak_mib = call_mib = None
     if DEVICE.type == "cuda":
         synchronize()
         torch.cuda.reset_peak_memory_stats(DEVICE)
+        before = torch.cuda.memory_allocated(DEVICE)
     fn()  # warm-up: compiles, JIT builds, caches
     synchronize()
     if DEVICE.type == "cuda":
-        peak_mib = torch.cuda.max_memory_allocated(DEVICE) / 2**20
+        # the process's peak (everything live, inputs and models included), and the part of
+        # it above what was allocated before the call
+        peak = torch.cuda.max_memory_allocated(DEVICE)
+        peak_mib, call_mib = peak / 2**20, (peak - before) / 2**20
     start = time.perf_counter()
     fn()
     synchronize()
@@ -179,7 +183,7 @@ def run_case(benchmark, fn, *, name, backend, size, dtype, nbytes=None, flops=No
         benchmark._timer = _synced_timer
     benchmark.pedantic(fn, rounds=rounds, iterations=iterations, warmup_rounds=2)
     extra = {"name": name, "backend": backend, "size": size, "dtype": str(dtype).removeprefix("torch."),
-             "device": info["device"], "peak_mem_mib": peak_mib}
+             "device": info["device"], "peak_mem_mib": peak_mib, "call_mem_mib": call_mib}
     if benchmark.stats is not None:  # None under --benchmark-disable
         median = benchmark.stats.stats.median
         if backend == REFERENCE:

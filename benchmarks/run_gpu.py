@@ -112,8 +112,8 @@ def convert(runs: list[dict], commit: str | None = None, date: str | None = None
                 "rounds": stats["rounds"],
                 "iterations": stats.get("iterations", 1),
             }
-            for key in ("size", "dtype", "peak_mem_mib", "bytes", "gbps", "flops", "tflops",
-                        "math_mode", "bound", "floor_ms", "roofline_fraction"):
+            for key in ("size", "dtype", "peak_mem_mib", "call_mem_mib", "bytes", "gbps", "flops",
+                        "tflops", "math_mode", "bound", "floor_ms", "roofline_fraction"):
                 if info.get(key) is not None:
                     result[key] = info[key]
             results.append(result)
