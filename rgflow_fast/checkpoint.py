@@ -15,21 +15,20 @@ import torch
 
 from .model import RGFlow
 
-__all__ = ["FORMAT", "save_checkpoint", "load_checkpoint", "load_model"]
+__all__ = ["FORMAT", "atomic_write", "save_checkpoint", "load_checkpoint", "load_model"]
 
 FORMAT = "rgflow_fast/1"
 
 
-def save_checkpoint(path, model: RGFlow, **extra) -> Path:
-    """Write ``model`` (config + state_dict) and ``extra`` entries to ``path`` atomically:
-    a reader sees the old file or the new one, never a partial write."""
+def atomic_write(path, write) -> Path:
+    """Call ``write(f)`` on a binary temp file beside ``path``, fsync it and rename it to
+    ``path``: a reader sees the old file or the new one, never a partial write."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"format": FORMAT, "config": model.config, "model": model.state_dict(), **extra}
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -37,6 +36,13 @@ def save_checkpoint(path, model: RGFlow, **extra) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def save_checkpoint(path, model: RGFlow, **extra) -> Path:
+    """Write ``model`` (config + state_dict) and ``extra`` entries to ``path`` atomically
+    (:func:`atomic_write`)."""
+    payload = {"format": FORMAT, "config": model.config, "model": model.state_dict(), **extra}
+    return atomic_write(path, lambda f: torch.save(payload, f))
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:

@@ -34,7 +34,7 @@ def _info(args) -> int:
 
 
 # Modules that add subcommands: each has ``add_commands(subparsers)``.
-COMMAND_MODULES = ("rgflow_fast.analysis",)
+COMMAND_MODULES = ("rgflow_fast.analysis", "rgflow_fast.train")
 
 
 def build_parser() -> argparse.ArgumentParser:

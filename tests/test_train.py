@@ -1,0 +1,222 @@
+"""`rgflow-fast train`, `sample` and `eval` end to end on tiny models: the loss falls, the
+run folder fills, resumption is exact, NaN stops the run, torchrun with gloo works, and bad
+input is a clear error that leaves files untouched."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import rgflow_fast.train as train_module
+from rgflow_fast.checkpoint import load_checkpoint, load_model
+from rgflow_fast.cli import main
+
+TINY = [
+    "--train-size", "64", "--test-size", "16", "--batch-size", "8", "--n-layers", "1",
+    "--n-res-blocks", "1", "--n-mlp", "1", "--hidden", "8", "--backend", "torch", "--sample-n", "4",
+    "--quiet", "--device", "cpu",
+]
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("RGFLOW_FAST_CACHE", str(tmp_path / "cache"))
+
+
+def _metrics(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _snapshot(folder):
+    """Every file under ``folder`` with its bytes (to show nothing was overwritten)."""
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _tiny_run(tmp_path, seed, *extra, name="run"):
+    out = tmp_path / name
+    rc = main(["train", *TINY, "--seed", str(seed), "--out", str(out), *extra])
+    assert rc == 0
+    return out
+
+
+def test_end_to_end(tmp_path, seed, capsys):
+    run = _tiny_run(tmp_path, seed, "--steps", "16", "--lr", "0.02", "--log-every", "4", "--ckpt-every", "8", "--keep", "1")
+    records = _metrics(run)
+    assert [r["step"] for r in records] == [4, 8, 12, 16]
+    assert all(torch.isfinite(torch.tensor(r["bpd"])) for r in records)
+    assert records[-1]["bpd"] < records[0]["bpd"] - 0.3, [r["bpd"] for r in records]
+    assert records[-1]["test_bpd"] < records[1]["test_bpd"]
+    config = json.loads((run / "config.json").read_text())
+    assert config["dataset"] == "msds1" and config["steps_total"] == 16 and config["world_size"] == 1
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000016.pt"]  # --keep 1
+    # 4 samples in a 2×2 grid of 32 px images with torchvision's 2 px padding
+    for step in (8, 16):
+        assert Image.open(run / "samples" / f"step_{step:08d}.png").size == (70, 70)
+    assert Image.open(run / "bpd.png").format == "PNG"
+
+    ckpt = run / "checkpoints" / "step_00000016.pt"
+    grid = tmp_path / "grid.png"
+    assert main(["sample", "--checkpoint", str(ckpt), "--n", "9", "--temperature", "0.3", "0.5", "0.7", "0.9",
+                 "--out", str(grid), "--device", "cpu"]) == 0
+    assert Image.open(grid).size == (104, 104)
+    single = tmp_path / "single.png"
+    assert main(["sample", "--checkpoint", str(ckpt), "--n", "2", "--temperature", "1", "--out", str(single)]) == 0
+    assert Image.open(single).size == (70, 36)
+
+    capsys.readouterr()
+    # with the training's evaluation batch (8) and noise seed (0), eval reproduces its test bits/dim
+    assert main(["eval", "--checkpoint", str(ckpt), "--batch-size", "8", "--json", "--backend", "torch"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["images"] == 16 and result["dataset"] == "msds1"
+    assert result["bpd"] == pytest.approx(records[-1]["test_bpd"], rel=1e-6)
+
+
+def test_resume_is_exact(tmp_path, seed):
+    args = ["--lr", "0.02", "--log-every", "1", "--ckpt-every", "2", "--train-size", "16"]  # 2 steps an epoch
+    straight = _tiny_run(tmp_path, seed, "--steps", "4", *args, name="straight")
+    split = _tiny_run(tmp_path, seed, "--steps", "2", *args, name="split")
+    assert main(["train", "--out", str(split), "--resume", "--steps", "4", "--quiet", "--backend", "torch"]) == 0
+
+    a = load_checkpoint(straight / "checkpoints" / "step_00000004.pt")
+    b = load_checkpoint(split / "checkpoints" / "step_00000004.pt")
+    assert a["model"].keys() == b["model"].keys()
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for pa, pb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        for key in pa:
+            assert torch.equal(torch.as_tensor(pa[key]), torch.as_tensor(pb[key])), key
+    # the moving weights really moved, so the equality above is not that of two fresh models
+    fresh = load_checkpoint(split / "checkpoints" / "step_00000002.pt")
+    assert any(not torch.equal(fresh["model"][k], b["model"][k]) for k in b["model"])
+    assert [(r["step"], r["bpd"]) for r in _metrics(straight)] == [(r["step"], r["bpd"]) for r in _metrics(split)]
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, seed, monkeypatch, capsys):
+    calls = []
+    real = train_module.preprocess
+
+    def poisoned(x, generator=None):
+        y, ldj = real(x, generator)
+        if torch.is_grad_enabled():  # training steps only, not evaluation
+            calls.append(1)
+            if len(calls) == 3:
+                ldj = ldj * float("nan")
+        return y, ldj
+
+    monkeypatch.setattr(train_module, "preprocess", poisoned)
+    out = tmp_path / "run"
+    rc = main(["train", *TINY, "--seed", str(seed), "--out", str(out), "--steps", "6", "--log-every", "1", "--ckpt-every", "2"])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "the loss is nan" in err and "at step 3" in err and "step_00000002.pt" in err
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000002.pt"]
+    assert [r["step"] for r in _metrics(out)] == [1, 2]
+    model = load_model(out / "checkpoints" / "step_00000002.pt")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_torchrun_two_processes_gloo(tmp_path, seed):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "RGFLOW_FAST_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    repo = Path(__file__).resolve().parents[1]
+    env["PYTHONPATH"] = os.pathsep.join([str(repo), env.get("PYTHONPATH", "")])
+    common = [*TINY, "--seed", str(seed), "--steps", "4", "--log-every", "1", "--ckpt-every", "2"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "rgflow_fast", "train", *common, "--out", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # rank 0 alone writes: one metrics file with each step once; the trainer checks at every
+    # checkpoint that both ranks hold the same weights and fails the run if not
+    assert [p.name for p in out.rglob("metrics.jsonl")] == ["metrics.jsonl"]
+    ddp = _metrics(out)
+    assert [r["step"] for r in ddp] == [1, 2, 3, 4]
+    assert json.loads((out / "config.json").read_text())["world_size"] == 2
+    assert proc.stdout.count("training RGFlow") == 1
+    # the 2×4 split of the global batch of 8 sees the same images as one process does; only
+    # the dequantisation noise differs, so bits/dim agree closely
+    single = _tiny_run(tmp_path, seed, "--steps", "4", "--log-every", "1", "--ckpt-every", "2", name="single")
+    for r_ddp, r_one in zip(ddp, _metrics(single)):
+        assert r_ddp["bpd"] == pytest.approx(r_one["bpd"], abs=0.05)
+    load_model(out / "checkpoints" / "step_00000004.pt")
+
+
+# ------------------------------------------------------------------------------- bad input
+
+
+@pytest.fixture
+def finished_run(tmp_path, seed):
+    return _tiny_run(tmp_path, seed, "--steps", "2", "--ckpt-every", "2")
+
+
+def test_unknown_dataset(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--dataset", "imagenet", "--out", str(tmp_path / "run")])
+    assert exit_.value.code == 2
+    assert "invalid choice: 'imagenet'" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_data_dir(tmp_path, capsys):
+    rc = main(["train", "--dataset", "cifar10", "--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "rgflow-fast train: error:" in err and "nowhere does not exist" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_corrupt_checkpoint(finished_run, capsys):
+    ckpt = finished_run / "checkpoints" / "step_00000002.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])  # a truncated file
+    before = _snapshot(finished_run)
+    assert main(["train", "--out", str(finished_run), "--resume", "--steps", "4"]) == 2
+    assert main(["sample", "--checkpoint", str(ckpt), "--out", str(finished_run / "s.png")]) == 2
+    assert main(["eval", "--checkpoint", str(ckpt)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("is corrupt or not a rgflow_fast checkpoint") == 3
+    assert _snapshot(finished_run) == before
+
+
+def test_checkpoint_not_matching_its_config(finished_run, tmp_path, capsys):
+    payload = load_checkpoint(finished_run / "checkpoints" / "step_00000002.pt")
+    payload["config"]["hidden"] = 16
+    bad = tmp_path / "bad.pt"
+    torch.save(payload, bad)
+    assert main(["sample", "--checkpoint", str(bad), "--out", str(tmp_path / "s.png")]) == 2
+    assert main(["train", "--resume", str(bad), "--out", str(tmp_path / "other"), "--steps", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "does not match its own config" in err and "does not fit its own config" in err
+    assert not (tmp_path / "s.png").exists()
+
+
+def test_resume_into_a_different_config(finished_run, capsys):
+    before = _snapshot(finished_run)
+    assert main(["train", "--out", str(finished_run), "--resume", "--steps", "4", "--hidden", "16", "--lr", "0.1"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot resume" in err and "hidden" in err and "lr: checkpoint 0.001, now 0.1" in err
+    assert _snapshot(finished_run) == before
+
+
+def test_existing_run_is_not_overwritten(finished_run, capsys):
+    before = _snapshot(finished_run)
+    assert main(["train", *TINY, "--out", str(finished_run), "--steps", "2"]) == 2
+    assert "already holds a run; pass --resume" in capsys.readouterr().err
+    assert main(["train", "--out", str(finished_run), "--resume", "--steps", "2"]) == 2
+    assert "already reached step 2" in capsys.readouterr().err
+    assert _snapshot(finished_run) == before
+
+
+def test_other_bad_flags(tmp_path, finished_run, capsys):
+    assert main(["train", *TINY, "--out", str(tmp_path / "a"), "--amp"]) == 2
+    assert "--amp trains in bf16 autocast on a CUDA device" in capsys.readouterr().err
+    assert main(["train", *TINY, "--out", str(tmp_path / "b"), "--sample-temperature", "1", "2"]) == 2
+    assert "--sample-temperature: a per-level temperature needs one value per RG level (4)" in capsys.readouterr().err
+    assert main(["train", "--resume", "--steps", "4"]) == 2
+    assert "pass --out" in capsys.readouterr().err
+    ckpt = finished_run / "checkpoints" / "step_00000002.pt"
+    assert main(["sample", "--checkpoint", str(ckpt), "--temperature", "1", "1", "--out", str(tmp_path / "s.png")]) == 2
+    assert "needs one value per RG level" in capsys.readouterr().err
+    assert not any((tmp_path / name).exists() for name in ("a", "b", "s.png"))
