@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import logging
 import os
 import shutil
 import sys
@@ -126,9 +127,22 @@ def _load(part: str) -> str | None:
     return None
 
 
+def _cpp_extension():
+    """``torch.utils.cpp_extension``, imported without the "No CUDA runtime is found" warning
+    it logs on machines without a GPU (its CUDA_HOME guess is irrelevant to a CPU build)."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        logger.setLevel(level)
+    return cpp_extension
+
+
 def _build(part: str) -> str | None:
     """Just-in-time build and load of one part; None on success, else why it failed."""
-    from torch.utils import cpp_extension
+    cpp_extension = _cpp_extension()
 
     _, name, sources, duration = _PARTS[part]
     src = source_dir()
@@ -186,7 +200,7 @@ def _build(part: str) -> str | None:
 def _is_cached(name: str, src: Path) -> bool:
     """Whether a just-in-time build newer than the sources exists (only chooses whether the
     progress line is printed; torch decides what to rebuild)."""
-    from torch.utils import cpp_extension
+    cpp_extension = _cpp_extension()
 
     try:
         build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))

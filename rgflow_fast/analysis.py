@@ -371,7 +371,7 @@ def _vision():
         import torchvision
     except ImportError as exc:
         raise SystemExit(
-            "the analysis commands read and write PNGs with torchvision: pip install 'rgflow-fast[vision]'"
+            "the analysis commands read and write PNGs with torchvision: pip install torchvision"
         ) from exc
     return torchvision
 

@@ -244,7 +244,7 @@ def require_torchvision():
     except ImportError as exc:
         raise DataError(
             "this needs torchvision (file datasets, sample grids), which is not installed: "
-            "pip install torchvision (or pip install 'rgflow-fast[vision]')"
+            "pip install torchvision"
         ) from exc
     return torchvision
 
