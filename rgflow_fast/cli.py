@@ -34,7 +34,7 @@ def _info(args) -> int:
 
 
 # Modules that add subcommands: each has ``add_commands(subparsers)``.
-COMMAND_MODULES = ("rgflow_fast.analysis", "rgflow_fast.train")
+COMMAND_MODULES = ("rgflow_fast.train", "rgflow_fast.analysis")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -427,7 +427,8 @@ def _train(args, world: _Dist) -> int:
                 f"cannot resume {ckpt_path} with a different config ({detail}); drop those flags to "
                 "continue the run (or use as many processes as it had), or start a new run with another --out"
             )
-    elif out is not None and ((out / "config.json").exists() or _checkpoints(out / "checkpoints")):
+    # rank 0 decides: the other ranks may look only after rank 0 has started writing there
+    elif out is not None and world.broadcast((out / "config.json").exists() or bool(_checkpoints(out / "checkpoints"))):
         raise RunError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
 
     info = dataset_info(cfg["dataset"], cfg["image_size"])
