@@ -56,3 +56,18 @@ def randomize_(model: torch.nn.Module, scale: float = 0.3, generator=None) -> to
 def skip_unless_device(device):
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
+
+
+def assert_training_lowers_loss(loss_fn, module, channels, size, steps=4):
+    """A few Adam steps on smooth random images (neighbouring pixels correlate, so there is
+    structure to learn) must lower ``loss_fn(x)``."""
+    x = torch.nn.functional.avg_pool2d(torch.randn(8, channels, size + 2, size + 2), 3, stride=1)
+    optimizer = torch.optim.Adam(module.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(steps):
+        loss = loss_fn(x)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0], losses

@@ -16,7 +16,7 @@ from nflows.transforms.normalization import ActNorm  # noqa: E402
 import rgflow_fast as rf  # noqa: E402
 from rgflow_fast.interop.nflows import RGFlowDistribution, RGFlowTransform  # noqa: E402
 
-from conftest import randomize_  # noqa: E402
+from conftest import assert_training_lowers_loss, randomize_  # noqa: E402
 from test_nn import transformed_mask  # noqa: E402
 
 TOL = dict(rtol=1e-10, atol=1e-10)
@@ -151,16 +151,7 @@ def test_training_inside_nflows_flow_lowers_the_loss(seed):
         RGFlowTransform(model.blocks[3]),
     ])
     flow = Flow(transform, StandardNormal([C, L, L]))
-    x = nn.functional.avg_pool2d(torch.randn(8, C, L + 2, L + 2), 3, stride=1)
-    optimizer = torch.optim.Adam(flow.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(4):
-        loss = -flow.log_prob(x).mean() / (C * L * L)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    assert losses[-1] < losses[0], losses
+    assert_training_lowers_loss(lambda x: -flow.log_prob(x).mean() / (C * L * L), flow, C, L)
 
 
 def test_bad_construction_says_what_to_do():

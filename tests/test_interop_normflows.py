@@ -10,7 +10,7 @@ nf = pytest.importorskip("normflows", reason="the normflows adapters need normfl
 import rgflow_fast as rf  # noqa: E402
 from rgflow_fast.interop.normflows import RGFlowLayer, RGFlowPrior  # noqa: E402
 
-from conftest import randomize_  # noqa: E402
+from conftest import assert_training_lowers_loss, randomize_  # noqa: E402
 from test_nn import transformed_mask  # noqa: E402
 
 TOL = dict(rtol=1e-10, atol=1e-10)
@@ -152,16 +152,7 @@ def test_training_inside_normalizing_flow_lowers_the_loss(seed):
         nf.flows.ActNorm((C, 1, 1)),
     ]
     flow = nf.NormalizingFlow(RGFlowPrior(model), flows)
-    x = nn.functional.avg_pool2d(torch.randn(8, C, L + 2, L + 2), 3, stride=1)
-    optimizer = torch.optim.Adam(flow.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(4):
-        loss = flow.forward_kld(x) / (C * L * L)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    assert losses[-1] < losses[0], losses
+    assert_training_lowers_loss(lambda x: flow.forward_kld(x) / (C * L * L), flow, C, L)
 
 
 def test_bad_construction_says_what_to_do():
