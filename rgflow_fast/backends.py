@@ -1,7 +1,7 @@
 """Backend selection: the one dispatch point every RG op goes through.
 
 Backends are modules that implement the ops of :mod:`rgflow_fast.functional`
-(``rg_gather``, ``rg_scatter``, ``rg_coupling``, ``rg_coupling_inverse``, and optionally
+(``rg_gather``, ``rg_scatter``, ``rg_coupling``, ``rg_coupling_inverse`` and
 ``rg_coupling_step(x, s, t, k, d, off, parity, inverse) -> (y, ldj, v)``: one coupling step
 that also returns the next step's net input ``v = checkerboard(parity) ⊙ gather(y)``; see
 ``rgflow_fast.reference.rg_coupling_step``) plus two probes:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from . import backends, reference
+from . import backends
 from .geometry import check_patch_geometry
 
 __all__ = ["rg_gather", "rg_scatter", "rg_coupling", "rg_coupling_inverse", "rg_coupling_step"]
@@ -103,8 +103,7 @@ def rg_coupling_step(x, s, t, kernel_size, dilation, offset, parity, inverse=Fal
     Returns ``(y, ldj, v)``: ``(y, ldj)`` as :func:`rg_coupling` (``inverse=True``: as
     :func:`rg_coupling_inverse`) and ``v (B*P, C, k, k) = mask ⊙ rg_gather(y)``, where
     ``mask`` is this step's transformed half — the positions the next step (parity
-    ``1 - parity``) keeps, so ``v`` is its net input. Backends without a fused version run
-    :func:`rg_coupling` and :func:`rg_gather`.
+    ``1 - parity``) keeps, so ``v`` is its net input.
     """
     _check_image(x)
     _check_patches(s, x, kernel_size, dilation, offset, "s")
@@ -112,8 +111,4 @@ def rg_coupling_step(x, s, t, kernel_size, dilation, offset, parity, inverse=Fal
     _check_parity(parity)
     if not isinstance(inverse, bool):
         raise TypeError(f"inverse must be a bool; got {inverse!r}")
-    module = backends.resolve(x)
-    step = getattr(module, "rg_coupling_step", None)
-    if step is None:
-        return reference.coupling_step_from(module, x, s, t, kernel_size, dilation, offset, parity, inverse)
-    return step(x, s, t, kernel_size, dilation, offset, parity, inverse)
+    return backends.resolve(x).rg_coupling_step(x, s, t, kernel_size, dilation, offset, parity, inverse)

@@ -6,8 +6,6 @@ checked against it. Inputs are validated by :mod:`rgflow_fast.functional`.
 """
 from __future__ import annotations
 
-import sys
-
 import torch
 
 from .geometry import patch_indices
@@ -81,17 +79,8 @@ def rg_coupling_inverse(y, s, t, kernel_size, dilation, offset, parity):
     return rg_scatter(v, y, kernel_size, dilation, offset), _per_sample(inv_ldj, y.shape[0])
 
 
-# --- rg_coupling_step: one step of an RNVP stack plus the next step's net input -----------
-
-
-def coupling_step_from(ops, x, s, t, kernel_size, dilation, offset, parity, inverse):
-    """:func:`rg_coupling_step` composed of a backend module's ``rg_coupling`` (or
-    ``rg_coupling_inverse``) and ``rg_gather``; used for backends without a fused one."""
-    couple = ops.rg_coupling_inverse if inverse else ops.rg_coupling
-    y, ldj = couple(x, s, t, kernel_size, dilation, offset, parity)
-    v = ops.rg_gather(y, kernel_size, dilation, offset)
-    return y, ldj, checkerboard(kernel_size, parity, v) * v
-
-
 def rg_coupling_step(x, s, t, kernel_size, dilation, offset, parity, inverse):
-    return coupling_step_from(sys.modules[__name__], x, s, t, kernel_size, dilation, offset, parity, inverse)
+    couple = rg_coupling_inverse if inverse else rg_coupling
+    y, ldj = couple(x, s, t, kernel_size, dilation, offset, parity)
+    v = rg_gather(y, kernel_size, dilation, offset)
+    return y, ldj, checkerboard(kernel_size, parity, v) * v
