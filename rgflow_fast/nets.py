@@ -84,3 +84,12 @@ class ResidualMLP(nn.Module):
         for block in self.res_blocks:
             v = (v + block(v)) / math.sqrt(2)
         return self.scale(v)
+
+    def op_parameters(self) -> list[torch.Tensor]:
+        """The flat parameter list of :mod:`rgflow_fast.coupling_layer`: per residual block and
+        linear layer ``β, V, g, b`` (the Swish before the layer, then the layer), then ``σ``."""
+        flat = []
+        for block in self.res_blocks:
+            for swish, linear in zip(block[0::2], block[1::2]):
+                flat += [swish.scale, linear.weight_v, linear.weight_g, linear.bias]
+        return flat + [self.scale.scale]

@@ -1,0 +1,141 @@
+"""The ``rg_coupling_layer`` op family: one whole RNVP coupling layer on the patch tensor.
+
+One call runs both checkerboard steps of a layer (parity 0, then parity 1; the inverse runs
+parity 1, then parity 0) with the layer's two conditioner nets ``S`` and ``T``:
+
+    for parity in (0, 1):                       # transformed half m = checkerboard(parity)
+        v = (1 - m) ⊙ u                         # the kept half is the nets' input
+        s = m ⊙ tanh(σ_s ⊙ R_s(v))      t = m ⊙ (σ_t ⊙ R_t(v))
+        u = (1 - m) ⊙ u + m ⊙ (u ⊙ exp(s) + t)  # inverse: (u - t) ⊙ exp(-s)
+        ldj[b] += Σ_{p, c, a, bb} s[b·P + p]     # inverse: -=
+
+``R(v)``: for each residual block ``v ← (v + F(v)) / √2``, ``F = Swish(β_0) → Linear_0 → … →
+Swish(β_q) → Linear_q`` over widths ``[D, hidden × n_mlp, D]`` (``D = C·k²``, ``q = n_mlp``),
+``Swish_β(h) = h · sigmoid(β ⊙ h)``, weight-normalised ``Linear(h) = h Wᵀ + b`` with
+``W = g ⊙ V / ‖V‖_row``.
+
+Shapes: ``u (N, C, k, k)`` with ``N = B·P`` (row ``b·P + p`` is patch ``p`` of image ``b``, as
+:func:`rgflow_fast.functional.rg_gather` stacks them); ``ldj (B,)`` is the running per-image
+log-determinant, returned with this layer's contribution added (step by step, so the
+reference keeps the original code's summation order bit for bit).
+
+``params`` is one flat list: the ``S`` net's tensors, then the ``T`` net's, each net as
+:meth:`rgflow_fast.nets.ResidualMLP.op_parameters` lists them —
+
+    for r in range(n_res_blocks): for i in range(n_mlp + 1): β (w_i,), V (w_{i+1}, w_i),
+                                                              g (w_{i+1}, 1), b (w_{i+1},)
+    σ (D,)
+
+so each net holds ``4·n_res_blocks·(n_mlp + 1) + 1`` tensors (``n_res_blocks`` may be 0).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from . import backends
+from .reference import checkerboard, coupling_inverse_on_patches, coupling_on_patches
+
+__all__ = ["rg_coupling_layer", "reference_layer", "net_layout", "check_layer_inputs"]
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def net_layout(num_params: int, n_mlp: int) -> int:
+    """``n_res_blocks`` of a layer whose flat ``params`` list has ``num_params`` tensors."""
+    per_block = 4 * (n_mlp + 1)
+    per_net, odd = divmod(num_params, 2)
+    n_res, rest = divmod(per_net - 1, per_block)
+    if odd or per_net < 1 or rest:
+        raise ValueError(
+            f"params must hold 2·(4·n_res_blocks·(n_mlp + 1) + 1) tensors (the S net's, then the "
+            f"T net's, as ResidualMLP.op_parameters lists them); got {num_params} for n_mlp={n_mlp}"
+        )
+    return n_res
+
+
+def _net(v, params, n_res, n_mlp):
+    """``σ ⊙ R(v)``, computed op for op as :class:`rgflow_fast.nets.ResidualMLP` does."""
+    it = iter(params)
+    for _ in range(n_res):
+        h = v
+        for _ in range(n_mlp + 1):
+            beta, V, g, b = next(it), next(it), next(it), next(it)
+            h = h * torch.sigmoid(beta * h)
+            h = F.linear(h, V * (g / V.norm(dim=1, keepdim=True)), b)
+        v = (v + h) / math.sqrt(2)
+    return next(it) * v
+
+
+def reference_layer(u, ldj, params, n_mlp, inverse=False, recompute=False):
+    """The pure-PyTorch layer (backend ``"torch"``): the original code's nets and coupling,
+    step by step. ``recompute`` is accepted for the common signature; autograd stores."""
+    n_res = net_layout(len(params), n_mlp)
+    half = len(params) // 2
+    s_params, t_params = params[:half], params[half:]
+    k = u.shape[-1]
+    couple = coupling_inverse_on_patches if inverse else coupling_on_patches
+    for parity in ((1, 0) if inverse else (0, 1)):
+        v = (1 - checkerboard(k, parity, u)) * u
+        flat = v.reshape(v.shape[0], -1)
+        s = _net(flat, s_params, n_res, n_mlp).view_as(v)
+        t = _net(flat, t_params, n_res, n_mlp).view_as(v)
+        u, rows = couple(u, s, t, parity)
+        ldj = ldj + rows.reshape(ldj.shape[0], -1).sum(dim=1)
+    return u, ldj
+
+
+def check_layer_inputs(u, ldj, params, n_mlp) -> int:
+    """Validate the op's inputs (see the module docstring); returns ``n_res_blocks``."""
+    if not isinstance(u, torch.Tensor) or u.dim() != 4 or u.shape[-1] != u.shape[-2]:
+        raise ValueError(f"u must be a patch tensor (N, C, k, k); got {getattr(u, 'shape', type(u))}")
+    if u.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"u must be a floating-point tensor; got {u.dtype}")
+    if not isinstance(ldj, torch.Tensor) or ldj.dim() != 1 or ldj.shape[0] < 1 or u.shape[0] % ldj.shape[0]:
+        raise ValueError(
+            f"ldj must be the per-image log-det (B,) with N = B·P rows in u; got ldj of shape "
+            f"{tuple(getattr(ldj, 'shape', ()))} for u of shape {tuple(u.shape)}"
+        )
+    if not isinstance(n_mlp, int) or isinstance(n_mlp, bool) or n_mlp < 1:
+        raise ValueError(f"n_mlp must be a positive int; got {n_mlp!r}")
+    n_res = net_layout(len(params), n_mlp)
+    D = u.shape[1] * u.shape[2] * u.shape[3]
+    hidden = params[1].shape[0] if n_res else D
+    widths = [D] + [hidden] * n_mlp + [D]
+    expected = []
+    for _ in range(n_res):
+        for w_in, w_out in zip(widths[:-1], widths[1:]):
+            expected += [(w_in,), (w_out, w_in), (w_out, 1), (w_out,)]
+    expected.append((D,))
+    for net, net_params in (("S", params[: len(params) // 2]), ("T", params[len(params) // 2 :])):
+        for i, (p, shape) in enumerate(zip(net_params, expected)):
+            if not isinstance(p, torch.Tensor) or tuple(p.shape) != shape:
+                raise ValueError(
+                    f"{net} net parameter {i} must have shape {shape} (D = C·k² = {D}, hidden = "
+                    f"{hidden}); got {tuple(getattr(p, 'shape', ())) or type(p).__name__}"
+                )
+            if p.dtype != u.dtype or p.device != u.device:
+                raise ValueError(
+                    f"{net} net parameter {i} is {p.dtype} on {p.device} but u is {u.dtype} on "
+                    f"{u.device}; move the nets with .to(u.dtype, u.device)"
+                )
+    if ldj.dtype != u.dtype or ldj.device != u.device:
+        raise ValueError(f"ldj ({ldj.dtype}, {ldj.device}) must match u ({u.dtype}, {u.device})")
+    return n_res
+
+
+def rg_coupling_layer(u, ldj, params, n_mlp, inverse=False, recompute=False):
+    """One RNVP coupling layer on RG patches, nets and coupling fused (module docstring).
+
+    ``u (N, C, k, k)``, ``ldj (B,)``, ``params`` the flat list of both nets' tensors.
+    Returns ``(u' (N, C, k, k), ldj' (B,))``. ``inverse=True`` undoes the layer (and
+    subtracts its log-det). ``recompute=True`` lets a fused backend keep only the inputs
+    for the backward pass and recompute the nets' activations there (less memory, one more
+    forward's worth of work). Differentiable in ``u``, ``ldj`` and every parameter.
+    """
+    check_layer_inputs(u, ldj, params, n_mlp)
+    if not isinstance(inverse, bool) or not isinstance(recompute, bool):
+        raise TypeError(f"inverse and recompute must be bools; got {inverse!r}, {recompute!r}")
+    return backends.resolve(u).rg_coupling_layer(u, ldj, list(params), n_mlp, inverse, recompute)
