@@ -8,7 +8,7 @@ from torch import nn
 pytest.importorskip("nflows", reason="the nflows adapters need nflows: pip install 'rgflow-fast[nflows]'")
 from nflows.distributions.normal import StandardNormal  # noqa: E402
 from nflows.flows.base import Flow  # noqa: E402
-from nflows.transforms.base import CompositeTransform  # noqa: E402
+from nflows.transforms.base import CompositeTransform, InverseTransform  # noqa: E402
 from nflows.transforms.conv import OneByOneConvolution  # noqa: E402
 from nflows.transforms.coupling import AffineCouplingTransform  # noqa: E402
 from nflows.transforms.normalization import ActNorm  # noqa: E402
@@ -17,15 +17,27 @@ import rgflow_fast as rf  # noqa: E402
 from rgflow_fast.interop.nflows import RGFlowDistribution, RGFlowTransform  # noqa: E402
 
 from conftest import assert_training_lowers_loss, randomize_  # noqa: E402
-from test_nn import transformed_mask  # noqa: E402
+from test_nn import harness_tolerance, transformed_mask  # noqa: E402
 
 TOL = dict(rtol=1e-10, atol=1e-10)
 
 
-def small_model(prior="laplace", temperature=1.0):
-    model = rf.RGFlow(8, 2, kernel_size=4, n_layers=1, n_res_blocks=1, n_mlp=1, hidden=8,
+def small_model(prior="laplace", temperature=1.0, dtype=torch.float64, image_size=8, n_layers=1):
+    model = rf.RGFlow(image_size, 2, kernel_size=4, n_layers=n_layers, n_res_blocks=1, n_mlp=1, hidden=8,
                       prior=prior, temperature=temperature)
-    return randomize_(model.double())
+    return randomize_(model.to(dtype))
+
+
+class ContextNet(nn.Module):
+    """Whole-image conditioner: (B, C, L, L) + context (B, K) -> (B, 2C, L, L)."""
+
+    def __init__(self, channels, context_features):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, 2 * channels, 3, padding=1)
+        self.embed = nn.Linear(context_features, 2 * channels)
+
+    def forward(self, v, context):
+        return self.conv(v) + self.embed(context)[:, :, None, None]
 
 
 @pytest.mark.parametrize("prior", ["laplace", "gaussian"])
@@ -154,11 +166,93 @@ def test_training_inside_nflows_flow_lowers_the_loss(seed):
     assert_training_lowers_loss(lambda x: -flow.log_prob(x).mean() / (C * L * L), flow, C, L)
 
 
+def test_rg_blocks_in_a_conditional_flow_ignore_the_context(seed):
+    """nflows passes the context to every transform; ours that take none ignore it, as
+    nflows' unconditional transforms do, and the conditional coupling uses it."""
+    model = small_model()
+    coupling = rf.nn.CheckerboardAffineCoupling(ContextNet(2, 3).double(), parity=1)
+    transform = CompositeTransform([
+        RGFlowTransform(model.blocks[0]),
+        ActNorm(2).double(),
+        RGFlowTransform(coupling),
+        RGFlowTransform(model),
+    ])
+    flow = Flow(transform, RGFlowDistribution(model))
+    x = torch.randn(3, 2, 8, 8, dtype=torch.float64)
+    context = torch.randn(3, 3, dtype=torch.float64)
+    # by hand: only the coupling sees the context
+    y, ldj = model.blocks[0](x)
+    y, step = transform._transforms[1](y)
+    ldj = ldj + step
+    y, step = coupling(y, context)
+    ldj = ldj + step
+    z, step = model(y)
+    ldj = ldj + step
+    torch.testing.assert_close(flow.transform_to_noise(x, context), z, **TOL)
+    torch.testing.assert_close(flow.log_prob(x, context), ldj + model.prior.log_prob(z), **TOL)
+    other = torch.randn(3, 3, dtype=torch.float64)
+    assert not torch.allclose(flow.log_prob(x, other), flow.log_prob(x, context))
+    for wrapped in (RGFlowTransform(model), RGFlowTransform(model.blocks[2])):
+        for direction in (wrapped, wrapped.inverse):
+            with_context, without = direction(x, context), direction(x)
+            assert torch.equal(with_context[0], without[0]) and torch.equal(with_context[1], without[1])
+    samples = flow.sample(4, context)
+    assert samples.shape == (3, 4, 2, 8, 8)
+    x_back = transform.inverse(flow.transform_to_noise(x, context), context)[0]
+    torch.testing.assert_close(x_back, x, **TOL)
+
+
+@pytest.mark.parametrize("prior", ["laplace", "gaussian"])
+def test_distribution_mean_is_the_prior_mean(seed, prior):
+    """As nflows' StandardNormal: mean() is zeros of the event shape, (context_size, ...)
+    with a context; it is the mean of the samples at every temperature."""
+    model = small_model(prior, temperature=[0.6, 1.7], dtype=torch.float32)
+    distribution = RGFlowDistribution(model)
+    mean = distribution.mean()
+    assert mean.shape == (2, 8, 8) and mean.dtype == torch.float32 and not mean.any()
+    assert distribution.mean(torch.zeros(5, 1)).shape == (5, 2, 8, 8)
+    reference = StandardNormal([2, 8, 8])
+    assert reference.mean().shape == mean.shape
+    assert reference.mean(torch.zeros(5, 1)).shape == distribution.mean(torch.zeros(5, 1)).shape
+    n = 4000
+    samples = distribution.sample(n).double()
+    # 5 standard errors of the sample mean (std = the level's temperature)
+    std = model.prior.scale_map().double() / rf.priors.PRIORS[prior]
+    assert ((samples.mean(dim=0) - mean.double()).abs() < 5 * std / n**0.5).float().mean() > 0.99
+
+
+# nflows' own harness (tests/transforms/transform_test.py, TransformTest, not installed with
+# the library) written out: InverseTransform then the transform is the identity, outputs and
+# log-dets finite, of the right shapes, log-det 0.
+def assert_forward_inverse_are_consistent(transform, inputs, context=None):
+    identity = CompositeTransform([InverseTransform(transform), transform])
+    outputs, logabsdet = identity(inputs, context)
+    for tensor, shape in ((outputs, inputs.shape), (logabsdet, inputs.shape[:1])):
+        assert isinstance(tensor, torch.Tensor) and torch.isfinite(tensor).all()
+        assert tensor.shape == shape and tensor.dtype == inputs.dtype
+    tol = harness_tolerance(transform(inputs, context)[1], inputs.dtype)
+    torch.testing.assert_close(outputs, inputs, **tol)
+    torch.testing.assert_close(logabsdet, torch.zeros_like(logabsdet), **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("wrapped", ["model", "block", "coupling"])
+def test_nflows_transform_harness(seed, dtype, wrapped):
+    model = small_model(dtype=dtype, image_size=16, n_layers=2)
+    module = {
+        "model": model,
+        "block": model.blocks[3],
+        "coupling": rf.nn.CheckerboardAffineCoupling(ContextNet(2, 3).to(dtype), parity=0),
+    }[wrapped]
+    x = 2 * torch.randn(4, 2, 16, 16, dtype=dtype)
+    context = torch.randn(4, 3, dtype=dtype)
+    assert_forward_inverse_are_consistent(RGFlowTransform(module), x, context)
+    if wrapped != "coupling":
+        assert_forward_inverse_are_consistent(RGFlowTransform(module), x)
+
+
 def test_bad_construction_says_what_to_do():
     with pytest.raises(TypeError, match="invertible nn.Module"):
         RGFlowTransform(nn.Identity())
     with pytest.raises(TypeError, match="RGFlow or its prior"):
         RGFlowDistribution(nn.Identity())
-    transform = RGFlowTransform(small_model())
-    with pytest.raises(ValueError, match="takes none"):
-        transform(torch.randn(1, 2, 8, 8, dtype=torch.float64), context=torch.zeros(1, 3))

@@ -50,6 +50,16 @@ class PairMLP(nn.Module):
         return self.s(h).view_as(v), self.t(h).view_as(v)
 
 
+def harness_tolerance(log_det, dtype):
+    """Tolerances for the peer libraries' forward-inverse checks (``x`` round trip, and the
+    log-dets of the two directions summing to 0). A log-det is a sum of many ``tanh s`` terms
+    whose rounding error grows with its magnitude (measured: about ``2·eps·|ldj|`` for float32
+    models up to 3×32×32), so ``atol`` scales with ``|ldj|``: float32 misses the peers'
+    1e-5/1e-6 defaults by rounding alone once ``|ldj|`` is in the tens; float64 stays tight."""
+    eps = torch.finfo(dtype).eps
+    return dict(rtol=64 * eps, atol=16 * eps * max(1.0, float(log_det.detach().abs().max())))
+
+
 def transformed_mask(k, parity, like):
     """(k, k) bool: positions with a+b odd for parity 0, even for parity 1."""
     a = torch.arange(k, device=like.device)

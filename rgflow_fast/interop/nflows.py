@@ -10,10 +10,15 @@ distribution.log_prob(z, context) + logabsdet`` and samples through ``transform.
   :class:`rgflow_fast.nn.CheckerboardAffineCoupling` as a ``Transform``.
 - :class:`RGFlowDistribution` is an RG-Flow prior (Laplace or Gaussian, one temperature per
   RG level) as an nflows ``Distribution``.
+
+Contexts behave as in nflows' own classes: unconditional transforms (an ``RGFlow``, an RG
+block, nflows' ``ActNorm``...) accept and ignore one, so they compose with conditional layers
+inside a conditional ``Flow``; the prior ignores it except for the sample layout, as
+``StandardNormal`` does.
 """
 from __future__ import annotations
 
-from . import _apply, _check_flow_module, _prior_of, _require
+from . import _apply, _check_flow_module, _prior_of, _require, _takes_context
 
 _require("nflows")
 from nflows.distributions.base import Distribution  # noqa: E402
@@ -28,19 +33,21 @@ class RGFlowTransform(Transform):
     ``inverse(z, context) = model.inverse(z)``, each returning ``(out, logabsdet (B,))``.
 
     ``model``: an :class:`rgflow_fast.RGFlow`, one block ``model.blocks[i]``, or an
-    :class:`rgflow_fast.nn.CheckerboardAffineCoupling` (the only one that uses ``context``;
-    passing one to the others raises). Images are ``(B, C, L, L)``.
+    :class:`rgflow_fast.nn.CheckerboardAffineCoupling` (the only one that uses ``context``).
+    The others accept a context and ignore it, as nflows' unconditional transforms do, so
+    they can sit in a conditional ``Flow``. Images are ``(B, C, L, L)``.
     """
 
     def __init__(self, model):
         super().__init__()
         self.model = _check_flow_module(model, "RGFlowTransform")
+        self._conditional = _takes_context(model)
 
     def forward(self, inputs, context=None):
-        return _apply(self.model, inputs, inverse=False, context=context)
+        return _apply(self.model, inputs, inverse=False, context=context if self._conditional else None)
 
     def inverse(self, inputs, context=None):
-        return _apply(self.model, inputs, inverse=True, context=context)
+        return _apply(self.model, inputs, inverse=True, context=context if self._conditional else None)
 
 
 class RGFlowDistribution(Distribution):
@@ -48,8 +55,10 @@ class RGFlowDistribution(Distribution):
 
     ``prior``: an :class:`rgflow_fast.RGFlow` (its ``.prior`` is used) or its prior;
     ``temperature``: ``None`` (the prior's own), a float, or one value per RG level.
-    The prior is unconditional: a context only sets the sample layout, as for nflows'
+    The prior is unconditional: a context only sets the layout, as for nflows'
     ``StandardNormal`` (``sample(n, context)`` is ``(context_size, n, C, L, L)``).
+    ``mean()`` is the prior's mean, zeros ``(C, L, L)`` (``(context_size, C, L, L)`` with a
+    context): Laplace and Gaussian priors are centred at 0 at every temperature.
     """
 
     def __init__(self, prior, temperature=None):
@@ -65,3 +74,9 @@ class RGFlowDistribution(Distribution):
             return self.prior.sample(num_samples, self.temperature)
         samples = self.prior.sample(context.shape[0] * num_samples, self.temperature)
         return torchutils.split_leading_dim(samples, [context.shape[0], num_samples])
+
+    def _mean(self, context):
+        shape = (self.prior.channels, self.prior.image_size, self.prior.image_size)
+        if context is None:
+            return self.prior.scale.new_zeros(shape)
+        return self.prior.scale.new_zeros(context.shape[0], *shape)
