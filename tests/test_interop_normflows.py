@@ -11,7 +11,9 @@ import rgflow_fast as rf  # noqa: E402
 from rgflow_fast.interop.normflows import RGFlowLayer, RGFlowPrior  # noqa: E402
 
 from conftest import assert_training_lowers_loss, randomize_  # noqa: E402
-from test_nn import transformed_mask  # noqa: E402
+from normflows.distributions.distribution_test import DistributionTest  # noqa: E402
+from normflows.flows.flow_test import FlowTest  # noqa: E402
+from test_nn import harness_tolerance, transformed_mask  # noqa: E402
 
 TOL = dict(rtol=1e-10, atol=1e-10)
 
@@ -26,10 +28,10 @@ def float64_default():
     torch.set_default_dtype(previous)
 
 
-def small_model(prior="laplace", temperature=1.0):
-    model = rf.RGFlow(8, 2, kernel_size=4, n_layers=1, n_res_blocks=1, n_mlp=1, hidden=8,
+def small_model(prior="laplace", temperature=1.0, dtype=torch.float64, image_size=8, n_layers=1):
+    model = rf.RGFlow(image_size, 2, kernel_size=4, n_layers=n_layers, n_res_blocks=1, n_mlp=1, hidden=8,
                       prior=prior, temperature=temperature)
-    return randomize_(model.double())
+    return randomize_(model.to(dtype))
 
 
 @pytest.mark.parametrize("prior", ["laplace", "gaussian"])
@@ -153,6 +155,62 @@ def test_training_inside_normalizing_flow_lowers_the_loss(seed):
     ]
     flow = nf.NormalizingFlow(RGFlowPrior(model), flows)
     assert_training_lowers_loss(lambda x: flow.forward_kld(x) / (C * L * L), flow, C, L)
+
+
+# normflows' own harnesses, installed with the library: FlowTest (forward, inverse, dtype and
+# shape kept, round trip, log-dets summing to 0) and DistributionTest.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("wrapped", ["model", "block", "coupling"])
+def test_normflows_flow_harness(seed, dtype, wrapped):
+    torch.set_default_dtype(dtype)  # normflows builds its zeros in the default dtype
+    model = small_model(dtype=dtype, image_size=16, n_layers=2)
+    net = nn.Sequential(nn.Conv2d(2, 8, 3, padding=1), nn.Tanh(), nn.Conv2d(8, 4, 3, padding=1))
+    module = {
+        "model": model,
+        "block": model.blocks[2],
+        "coupling": rf.nn.CheckerboardAffineCoupling(net.to(dtype), parity=1),
+    }[wrapped]
+    layer = RGFlowLayer(module)
+    z = 2 * torch.randn(4, 2, 16, 16, dtype=dtype)
+    harness = FlowTest()
+    tol = harness_tolerance(layer(z)[1], dtype)
+    harness.checkForwardInverse(layer, z, **tol)
+    # and from the data side, through a NormalizingFlow of normflows' own and our layers
+    flow = nf.NormalizingFlow(RGFlowPrior(model), [layer, nf.flows.ActNorm((2, 1, 1)), RGFlowLayer(model.blocks[0])])
+    x, log_det = flow.forward_and_log_det(z)
+    z_back, inv_log_det = flow.inverse_and_log_det(x)
+    tol = harness_tolerance(log_det, dtype)
+    torch.testing.assert_close(z_back, z, **tol)
+    torch.testing.assert_close(log_det + inv_log_det, torch.zeros_like(log_det), **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("prior", ["laplace", "gaussian"])
+def test_normflows_distribution_harness(seed, dtype, prior):
+    torch.set_default_dtype(dtype)
+    q0 = RGFlowPrior(small_model(prior, temperature=[0.7, 1.4], dtype=dtype))
+    harness = DistributionTest()
+    z, log_p = harness.checkForward(q0, 5)
+    assert z.shape == (5, 2, 8, 8) and z.dtype == dtype
+    harness.checkLogProb(q0, z)
+    harness.checkSample(q0, 3)
+    harness.checkForwardLogProb(q0, 7, **harness_tolerance(log_p, dtype))
+
+
+def test_forward_kld_is_float32_unless_the_default_dtype_is_float64(seed):
+    """normflows' forward_kld sums the log-dets into zeros of the default dtype, so for a
+    float64 model under the usual float32 default it equals -log_prob(x).mean() only to
+    float32 precision; with a float64 default it is exact."""
+    model = small_model()
+    flow = nf.NormalizingFlow(q0=RGFlowPrior(model), flows=[RGFlowLayer(model)])
+    x = torch.randn(3, 2, 8, 8, dtype=torch.float64)
+    expected = -model.log_prob(x).mean()
+    torch.testing.assert_close(flow.forward_kld(x), expected, **TOL)  # default float64 here
+    torch.set_default_dtype(torch.float32)
+    kld = flow.forward_kld(x)
+    assert kld.dtype == torch.float32
+    torch.testing.assert_close(kld.double(), expected, rtol=4 * torch.finfo(torch.float32).eps, atol=0)
+    torch.testing.assert_close(flow.log_prob(x), model.log_prob(x), **TOL)  # log_prob keeps x's dtype
 
 
 def test_bad_construction_says_what_to_do():
