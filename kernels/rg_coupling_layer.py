@@ -1,0 +1,460 @@
+"""Triton kernels of the ``rg_coupling_layer`` family: one RNVP coupling layer (both
+checkerboard steps, the ``S`` and ``T`` residual MLPs, the tanh-clamped affine coupling and the
+per-row log-det) on the patch tensor, forward, inverse and backward, with the nets' products on
+tensor cores (``tl.dot``). The maths and the flat parameter layout are
+:mod:`rgflow_fast.coupling_layer`'s; the differentiable op is :mod:`rgflow_fast.triton_layer`.
+
+Kernels (one launch each; a layer is two steps, parity 0 then 1, the inverse 1 then 0)
+====================================================================================
+
+``_step_fwd_kernel``  program = ``BM`` patch rows × all ``D = C·k²`` features (padded to
+    ``DP``). It loads ``u``, masks the kept half ``v``, runs ``S`` then ``T`` on ``v`` and
+    writes ``u'`` and the per-row ``±Σ s``. Per residual block and linear ``i`` (widths
+    ``[D, H×n_mlp, D]``, hidden padded to ``HP``, a multiple of ``BH``): the ``D→H`` linear
+    takes its operand ``swish(x)`` from registers; its output is produced ``BH`` columns at a
+    time, Swish-ed and written to a per-program scratch tile ``(BM, HP)`` in global memory
+    (L2-resident, read back ``.cg``: a ``(BM, 512)`` activation does not fit in registers);
+    ``H→H`` and ``H→D`` linears stream that tile and the weights ``BH`` columns at a time
+    (no ``H×H`` weight is ever held whole). The ``H→D`` output, the ``√2`` residual, ``σ``,
+    ``tanh``, the coupling and the row log-det stay in registers. Scratch tiles are
+    ping-ponged and fenced with a CTA barrier (``bar.sync`` orders global memory within a
+    CTA). With ``STORE`` it also writes every linear's input pre-activation (``x_r`` and the
+    hidden ``h_i``) and the final residual stream ``x_R`` for the backward.
+``_step_bwd_kernel``  same tiling, reverse order: from the saved pre-activations it forms
+    ``g_s``, ``g_t``, ``g_σ`` (per-program partials), and back-propagates through each block,
+    writing every linear's output gradient ``G`` (``(2, R, n_mlp+1, N, VW)``) and per-program
+    partials of ``g_β``; it returns ``g_u``.
+``_wgrad_kernel``  ``g_W_i = G_iᵀ · swish(h_i)``: a plain tiled GEMM over the rows (``BO×BI``
+    output tiles, rows reduced in order, ``swish`` applied on the load), one launch per weight
+    kind (``D→H``, ``H→H``, ``H→D``) for both nets and all blocks.
+
+Every reduction over rows is deterministic: per-program partials summed in program order
+(``g_β``, ``g_σ``), in-order loops (``g_W``), or a single ``torch.sum`` (``g_b = Σ G``), and the
+per-image log-det is a sum of the per-row buffer. Nothing is atomic.
+
+Backward strategy: the forward either stores the pre-activations (``recompute=False``,
+``(2·(R(n_mlp+1)+1)·VW)`` floats per row and step) or stores nothing but the step inputs
+(``recompute=True``) and the backward re-runs ``_step_fwd_kernel`` with ``STORE`` just before
+the step's backward, so the activations live only for that step (memory ``O(layer)`` instead
+of ``O(model)``; one extra forward, +1/3 of the FLOPs). Rebuilding them per tile *inside*
+the backward kernel would save that buffer too but costs the forward once per block
+(``R`` times) because the backward walks blocks in reverse; per step is the better trade.
+
+Precision (``PREC``): 0 ``"fp32"``: ``tl.dot(..., input_precision="ieee")`` (float64 in the
+interpreter: exact float64); 1 ``"tf32"``: TF32 operands, fp32 accumulation; 2 ``"bf16"``:
+bf16 weights and activations as ``tl.dot`` operands (the scratch tile is bf16), fp32
+accumulation and fp32 everywhere else (Swish, residual, coupling, log-det, saved
+pre-activations, gradients).
+
+Floors (per step, ``N`` rows, per net per block ``F_blk = 2·(2·D·H + (n_mlp-1)·H²)`` FLOP a
+row): forward ``2·R·F_blk·N`` FLOP over the tensor-core peak of the precision; backward
+``2×`` that (data and weight gradients), plus the forward again with ``recompute=True``.
+Bytes: weights ``2·R·(2·D·H + (n_mlp-1)·H²)·w`` per program (from L2, once per ``BM`` rows),
+``u``/``u'`` ``2·N·D·4`` from HBM; the saved activations ``2·(R(n_mlp+1)+1)·N·VW·4`` written
+forward and read backward (``G`` the same, written and read once by the weight GEMM). At the
+paper config (``D=48``, ``H=512``) the FLOP/byte ratio is ``≈ BM`` per weight byte, so the
+kernels are tensor-core bound for ``BM ≥ 64``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+
+__all__ = [
+    "INTERPRETED", "PRECISIONS", "MAX_D", "TileConfig", "tile_config", "step_forward", "step_backward", "weight_grads",
+]
+
+PRECISIONS = {"fp32": 0, "tf32": 1, "bf16": 2}
+INV_SQRT2 = 1.0 / math.sqrt(2.0)
+# Widest feature dimension D = C·k² the register tiles serve (C=4, k=4); larger D would need
+# the D axis tiled as well.
+MAX_D = 64
+
+
+@triton.jit
+def _tanh(s):
+    # tl has no tanh on every supported Triton version; this form never overflows.
+    e = tl.exp(-2.0 * tl.abs(s))
+    th = (1.0 - e) / (1.0 + e)
+    return tl.where(s < 0, -th, th)
+
+
+@triton.jit
+def _swish(h, beta):
+    return h * tl.sigmoid(beta * h)
+
+
+@triton.jit
+def _swish_grads(g, h, beta):
+    """``(g·∂swish/∂h, g·∂swish/∂β)`` for ``swish = h·σ(βh)``."""
+    sg = tl.sigmoid(beta * h)
+    d = sg * (1.0 - sg)
+    return g * (sg + beta * h * d), g * h * h * d
+
+
+@triton.jit
+def _mm(a, b, acc, PREC: tl.constexpr):
+    """``acc + a @ b`` on tensor cores in the precision mode ``PREC`` (module docstring)."""
+    if PREC == 2:
+        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
+    elif PREC == 1:
+        return tl.dot(a, b, acc, input_precision="tf32")
+    else:
+        return tl.dot(a, b, acc, input_precision="ieee")
+
+
+@triton.jit
+def _checkerboard(f, D, K: tl.constexpr, PARITY: tl.constexpr):
+    """Feature ``f = c·k² + a·k + bb`` is transformed by step ``PARITY`` (``a+bb`` odd for 0)."""
+    if PARITY == 0:
+        hit = (((f % (K * K)) // K + f % K) % 2) == 1
+    else:
+        hit = (((f % (K * K)) // K + f % K) % 2) == 0
+    return hit & (f < D)
+
+
+@triton.jit
+def _net_forward(
+    x, rows, rmask, N, pid, w_in, w_mid, w_out, vec, scr, hsave,
+    NET: tl.constexpr, N_RES: tl.constexpr, N_MLP: tl.constexpr, DP: tl.constexpr,
+    HP: tl.constexpr, VW: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr,
+    STORE: tl.constexpr, PREC: tl.constexpr,
+):
+    """``R(x)`` for net ``NET`` on a ``(BM, DP)`` tile (module docstring); returns ``x_R``."""
+    f = tl.arange(0, DP)
+    cols = tl.arange(0, BH)
+    lr = tl.arange(0, BM)
+    NSLOT = N_RES * (N_MLP + 1) + 1
+    hrow = hsave + (NET * NSLOT) * N * VW + rows[:, None].to(tl.int64) * VW
+    scr_tile = scr + pid.to(tl.int64) * (2 * BM * HP) + lr[:, None] * HP
+    for r in tl.static_range(N_RES):
+        blk = NET * N_RES + r
+        vb = vec + blk * (N_MLP + 1) * 2 * VW
+        slot0 = r * (N_MLP + 1)
+        if STORE:
+            tl.store(hrow + slot0 * N * VW + f[None, :], x, mask=rmask[:, None])
+        # linear 0 (D -> H): operand swish(x) from registers; output Swish-ed into scratch 0
+        a0 = _swish(x, tl.load(vb + f)[None, :]).to(w_in.dtype.element_ty)
+        for j in range(0, HP, BH):
+            oc = j + cols
+            w = tl.load(w_in + blk * (HP * DP) + oc[None, :] * DP + f[:, None])
+            h = _mm(a0, w, tl.zeros((BM, BH), x.dtype), PREC) + tl.load(vb + VW + oc)[None, :]
+            if STORE:
+                tl.store(hrow + (slot0 + 1) * N * VW + oc[None, :], h, mask=rmask[:, None])
+            a = _swish(h, tl.load(vb + 2 * VW + oc)[None, :])
+            tl.store(scr_tile + oc[None, :], a.to(scr.dtype.element_ty))
+        tl.debug_barrier()
+        # linears 1 .. n_mlp-1 (H -> H): stream scratch (i-1)%2 and W, write scratch i%2
+        for i in tl.static_range(1, N_MLP):
+            src = scr_tile + ((i - 1) % 2) * (BM * HP)
+            dst = scr_tile + (i % 2) * (BM * HP)
+            wb = w_mid + (blk * (N_MLP - 1) + i - 1) * (HP * HP)
+            for j in range(0, HP, BH):
+                oc = j + cols
+                acc = tl.zeros((BM, BH), x.dtype)
+                for kk in range(0, HP, BH):
+                    kc = kk + cols
+                    a = tl.load(src + kc[None, :], cache_modifier=".cg")
+                    w = tl.load(wb + oc[None, :] * HP + kc[:, None])
+                    acc = _mm(a, w, acc, PREC)
+                h = acc + tl.load(vb + (2 * i + 1) * VW + oc)[None, :]
+                if STORE:
+                    tl.store(hrow + (slot0 + i + 1) * N * VW + oc[None, :], h, mask=rmask[:, None])
+                a = _swish(h, tl.load(vb + (2 * i + 2) * VW + oc)[None, :])
+                tl.store(dst + oc[None, :], a.to(scr.dtype.element_ty))
+            tl.debug_barrier()
+        # linear n_mlp (H -> D) into registers, then the residual
+        src = scr_tile + ((N_MLP - 1) % 2) * (BM * HP)
+        acc = tl.zeros((BM, DP), x.dtype)
+        for kk in range(0, HP, BH):
+            kc = kk + cols
+            a = tl.load(src + kc[None, :], cache_modifier=".cg")
+            w = tl.load(w_out + blk * (DP * HP) + f[None, :] * HP + kc[:, None])
+            acc = _mm(a, w, acc, PREC)
+        x = (x + (acc + tl.load(vb + (2 * N_MLP + 1) * VW + f)[None, :])) * INV_SQRT2
+        tl.debug_barrier()  # the next block overwrites the scratch this one just read
+    if STORE:
+        tl.store(hrow + (NSLOT - 1) * N * VW + f[None, :], x, mask=rmask[:, None])
+    return x
+
+
+@triton.jit
+def _step_fwd_kernel(
+    u_ptr, y_ptr, rows_ptr, w_in, w_mid, w_out, vec, sig, scr, hsave, N, D,
+    K: tl.constexpr, PARITY: tl.constexpr, INVERSE: tl.constexpr, STORE: tl.constexpr,
+    N_RES: tl.constexpr, N_MLP: tl.constexpr, DP: tl.constexpr, HP: tl.constexpr,
+    VW: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr,
+):
+    """One checkerboard step on rows ``[pid·BM, pid·BM + BM)`` of ``u (N, D)`` (contiguous)."""
+    pid = tl.program_id(0)
+    rows = pid * BM + tl.arange(0, BM)
+    rmask = rows < N
+    f = tl.arange(0, DP)
+    trans = _checkerboard(f, D, K, PARITY)[None, :]
+    ptrs = rows[:, None].to(tl.int64) * D + f[None, :]
+    mask = rmask[:, None] & (f < D)[None, :]
+    u = tl.load(u_ptr + ptrs, mask=mask, other=0.0)
+    v = tl.where(trans, 0.0, u)
+    xs = _net_forward(v, rows, rmask, N, pid, w_in, w_mid, w_out, vec, scr, hsave,
+                      0, N_RES, N_MLP, DP, HP, VW, BM, BH, STORE, PREC)
+    th = _tanh(tl.load(sig + f)[None, :] * xs)
+    xt = _net_forward(v, rows, rmask, N, pid, w_in, w_mid, w_out, vec, scr, hsave,
+                      1, N_RES, N_MLP, DP, HP, VW, BM, BH, STORE, PREC)
+    t = tl.where(trans, tl.load(sig + DP + f)[None, :] * xt, 0.0)
+    s = tl.where(trans, th, 0.0)
+    if INVERSE:
+        y = tl.where(trans, (u - t) * tl.exp(-s), u)
+        ldj = -tl.sum(s, axis=1)
+    else:
+        y = tl.where(trans, u * tl.exp(s) + t, u)
+        ldj = tl.sum(s, axis=1)
+    tl.store(y_ptr + ptrs, y, mask=mask)
+    tl.store(rows_ptr + rows, ldj, mask=rmask)
+
+
+@triton.jit
+def _net_backward(
+    g_o, rows, rmask, N, pid, w_in, w_mid, w_out, vec, sig, hsave, gsave, pvec, psig,
+    NET: tl.constexpr, N_RES: tl.constexpr, N_MLP: tl.constexpr, DP: tl.constexpr,
+    HP: tl.constexpr, VW: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr,
+):
+    """Back-propagate ``g_o = ∂L/∂(σ⊙R(v))`` through net ``NET``; returns ``∂L/∂v``.
+
+    Writes ``G`` (each linear's output gradient) for the weight GEMM and this program's
+    partial sums of ``g_σ`` and ``g_β``."""
+    f = tl.arange(0, DP)
+    cols = tl.arange(0, BH)
+    NSLOT = N_RES * (N_MLP + 1) + 1
+    hrow = hsave + (NET * NSLOT) * N * VW + rows[:, None].to(tl.int64) * VW
+    x_last = tl.load(hrow + (NSLOT - 1) * N * VW + f[None, :], mask=rmask[:, None], other=0.0)
+    tl.store(psig + (pid * 2 + NET) * DP + f, tl.sum(g_o * x_last, axis=0))
+    g_x = g_o * tl.load(sig + NET * DP + f)[None, :]
+    for rr in tl.static_range(N_RES):
+        r = N_RES - 1 - rr
+        blk = NET * N_RES + r
+        vb = vec + blk * (N_MLP + 1) * 2 * VW
+        pb = pvec + (pid * (2 * N_RES) + blk).to(tl.int64) * ((N_MLP + 1) * VW)
+        grow = gsave + (blk * (N_MLP + 1)) * N * VW + rows[:, None].to(tl.int64) * VW
+        slot0 = r * (N_MLP + 1)
+        # linear n_mlp (H -> D): its output gradient is g_x/√2, in registers
+        g_f = g_x * INV_SQRT2
+        tl.store(grow + N_MLP * N * VW + f[None, :], g_f, mask=rmask[:, None])
+        g_f_op = g_f.to(w_out.dtype.element_ty)
+        for j in range(0, HP, BH):
+            oc = j + cols
+            w = tl.load(w_out + blk * (DP * HP) + f[:, None] * HP + oc[None, :])
+            g_a = _mm(g_f_op, w, tl.zeros((BM, BH), g_x.dtype), PREC)
+            h = tl.load(hrow + (slot0 + N_MLP) * N * VW + oc[None, :], mask=rmask[:, None], other=0.0)
+            g_h, g_beta = _swish_grads(g_a, h, tl.load(vb + 2 * N_MLP * VW + oc)[None, :])
+            tl.store(pb + N_MLP * VW + oc, tl.sum(g_beta, axis=0))
+            tl.store(grow + (N_MLP - 1) * N * VW + oc[None, :], g_h, mask=rmask[:, None])
+        tl.debug_barrier()
+        # linears n_mlp-1 .. 1 (H -> H): stream G of linear i and W_i, write G of linear i-1
+        for ii in tl.static_range(1, N_MLP):
+            i = N_MLP - ii
+            wb = w_mid + (blk * (N_MLP - 1) + i - 1) * (HP * HP)
+            for j in range(0, HP, BH):
+                oc = j + cols
+                acc = tl.zeros((BM, BH), g_x.dtype)
+                for kk in range(0, HP, BH):
+                    kc = kk + cols
+                    g = tl.load(grow + i * N * VW + kc[None, :], mask=rmask[:, None], other=0.0,
+                                cache_modifier=".cg")
+                    w = tl.load(wb + kc[:, None] * HP + oc[None, :])
+                    acc = _mm(g.to(w_mid.dtype.element_ty), w, acc, PREC)
+                h = tl.load(hrow + (slot0 + i) * N * VW + oc[None, :], mask=rmask[:, None], other=0.0)
+                g_h, g_beta = _swish_grads(acc, h, tl.load(vb + 2 * i * VW + oc)[None, :])
+                tl.store(pb + i * VW + oc, tl.sum(g_beta, axis=0))
+                tl.store(grow + (i - 1) * N * VW + oc[None, :], g_h, mask=rmask[:, None])
+            tl.debug_barrier()
+        # linear 0 (D -> H): back into registers, through swish(x_r), plus the skip path
+        acc = tl.zeros((BM, DP), g_x.dtype)
+        for kk in range(0, HP, BH):
+            kc = kk + cols
+            g = tl.load(grow + kc[None, :], mask=rmask[:, None], other=0.0, cache_modifier=".cg")
+            w = tl.load(w_in + blk * (HP * DP) + kc[:, None] * DP + f[None, :])
+            acc = _mm(g.to(w_in.dtype.element_ty), w, acc, PREC)
+        x_r = tl.load(hrow + slot0 * N * VW + f[None, :], mask=rmask[:, None], other=0.0)
+        g_in, g_beta = _swish_grads(acc, x_r, tl.load(vb + f)[None, :])
+        tl.store(pb + f, tl.sum(g_beta, axis=0))
+        g_x = g_x * INV_SQRT2 + g_in
+    return g_x
+
+
+@triton.jit
+def _step_bwd_kernel(
+    u_ptr, gy_ptr, grow_ptr, gu_ptr, w_in, w_mid, w_out, vec, sig, hsave, gsave, pvec, psig,
+    N, D,
+    K: tl.constexpr, PARITY: tl.constexpr, INVERSE: tl.constexpr,
+    N_RES: tl.constexpr, N_MLP: tl.constexpr, DP: tl.constexpr, HP: tl.constexpr,
+    VW: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr,
+):
+    """Backward of one step: ``u`` the step input, ``gy`` ``∂L/∂u'``, ``grow`` ``∂L/∂(row ldj)``."""
+    pid = tl.program_id(0)
+    rows = pid * BM + tl.arange(0, BM)
+    rmask = rows < N
+    f = tl.arange(0, DP)
+    trans = _checkerboard(f, D, K, PARITY)[None, :]
+    ptrs = rows[:, None].to(tl.int64) * D + f[None, :]
+    mask = rmask[:, None] & (f < D)[None, :]
+    u = tl.load(u_ptr + ptrs, mask=mask, other=0.0)
+    gy = tl.load(gy_ptr + ptrs, mask=mask, other=0.0)
+    g_row = tl.load(grow_ptr + rows, mask=rmask, other=0.0)[:, None]
+    NSLOT = N_RES * (N_MLP + 1) + 1
+    last = hsave + rows[:, None].to(tl.int64) * VW + f[None, :]
+    xs = tl.load(last + (NSLOT - 1) * N * VW, mask=rmask[:, None], other=0.0)
+    th = _tanh(tl.load(sig + f)[None, :] * xs)
+    s = tl.where(trans, th, 0.0)
+    if INVERSE:
+        xt = tl.load(last + (2 * NSLOT - 1) * N * VW, mask=rmask[:, None], other=0.0)
+        t = tl.where(trans, tl.load(sig + DP + f)[None, :] * xt, 0.0)
+        e = tl.exp(-s)
+        g_u = tl.where(trans, gy * e, gy)
+        g_t = tl.where(trans, -gy * e, 0.0)
+        g_s = tl.where(trans, -gy * ((u - t) * e) - g_row, 0.0)
+    else:
+        e = tl.exp(s)
+        g_u = tl.where(trans, gy * e, gy)
+        g_t = tl.where(trans, gy, 0.0)
+        g_s = tl.where(trans, gy * u * e + g_row, 0.0)
+    g_vs = _net_backward(g_s * (1.0 - th * th), rows, rmask, N, pid, w_in, w_mid, w_out, vec, sig,
+                         hsave, gsave, pvec, psig, 0, N_RES, N_MLP, DP, HP, VW, BM, BH, PREC)
+    g_vt = _net_backward(g_t, rows, rmask, N, pid, w_in, w_mid, w_out, vec, sig,
+                         hsave, gsave, pvec, psig, 1, N_RES, N_MLP, DP, HP, VW, BM, BH, PREC)
+    g_u = tl.where(trans, g_u, g_u + g_vs + g_vt)
+    tl.store(gu_ptr + ptrs, g_u, mask=mask)
+
+
+@triton.jit
+def _wgrad_kernel(
+    gsave, hsave, vec, out, N,
+    N_RES: tl.constexpr, N_MLP: tl.constexpr, VW: tl.constexpr, I0: tl.constexpr,
+    CNT: tl.constexpr, OUT_W: tl.constexpr, IN_W: tl.constexpr,
+    BO: tl.constexpr, BI: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
+):
+    """``g_W[z] = G_iᵀ · swish(h_i)`` for linears ``i ∈ [I0, I0+CNT)`` of every block of both
+    nets (``z = (net·R + r)·CNT + i - I0``), tile ``(BO, BI)``, rows reduced in order."""
+    z = tl.program_id(2)
+    net = z // (N_RES * CNT)
+    r = (z // CNT) % N_RES
+    i = I0 + z % CNT
+    o = tl.program_id(0) * BO + tl.arange(0, BO)
+    c = tl.program_id(1) * BI + tl.arange(0, BI)
+    gslot = (net * N_RES + r) * (N_MLP + 1) + i
+    hslot = net * (N_RES * (N_MLP + 1) + 1) + r * (N_MLP + 1) + i
+    g_base = gsave + gslot.to(tl.int64) * N * VW
+    h_base = hsave + hslot.to(tl.int64) * N * VW
+    omask = o < OUT_W
+    cmask = c < IN_W
+    beta = tl.load(vec + gslot * 2 * VW + c, mask=cmask, other=0.0)[None, :]
+    acc = tl.zeros((BO, BI), out.dtype.element_ty)
+    for n0 in range(0, N, BN):
+        n = n0 + tl.arange(0, BN)
+        nmask = n < N
+        g = tl.load(g_base + n[None, :].to(tl.int64) * VW + o[:, None],
+                    mask=nmask[None, :] & omask[:, None], other=0.0)
+        h = tl.load(h_base + n[:, None].to(tl.int64) * VW + c[None, :],
+                    mask=nmask[:, None] & cmask[None, :], other=0.0)
+        acc = _mm(g, _swish(h, beta), acc, PREC)
+    tl.store(out + z.to(tl.int64) * (OUT_W * IN_W) + o[:, None] * IN_W + c[None, :], acc,
+             mask=omask[:, None] & cmask[None, :])
+
+
+INTERPRETED = isinstance(_step_fwd_kernel, InterpretedFunction)
+
+
+# --- launchers ---------------------------------------------------------------------------
+
+
+class TileConfig:
+    """Tile sizes of a shape: rows per program ``BM``, hidden chunk ``BH``, padded widths
+    ``DP`` (features), ``HP`` (hidden), ``VW = max(DP, HP)`` (slot width of the saved
+    buffers), warps per program, and the weight-GEMM tile ``(BO, BI, BN)``."""
+
+    def __init__(self, D, hidden, interpreted, precision):
+        self.DP = max(16, triton.next_power_of_2(D))
+        if interpreted:
+            # The interpreter runs a program as numpy ops: few, small programs are fastest.
+            self.BM, self.BH = 16, 16
+        else:
+            # Tuned with python -m rgflow_fast.kernels.aot (no spills on sm_80 / sm_90).
+            self.BM, self.BH = 64, 64 if precision == "bf16" else 32
+        self.HP = self.BH * triton.cdiv(max(hidden, 1), self.BH)
+        self.VW = max(self.DP, self.HP)
+        self.num_warps = 4
+        self.BO = self.BI = 16 if interpreted else 64
+        self.BN = 16 if interpreted else 32
+
+    def __repr__(self):
+        return (f"TileConfig(BM={self.BM}, BH={self.BH}, DP={self.DP}, HP={self.HP}, "
+                f"num_warps={self.num_warps})")
+
+
+def tile_config(D, hidden, device, precision="fp32"):
+    return TileConfig(D, hidden, device.type != "cuda", precision)
+
+
+def _meta(cfg, K, n_res, n_mlp, precision):
+    return dict(K=K, N_RES=n_res, N_MLP=n_mlp, DP=cfg.DP, HP=cfg.HP, VW=cfg.VW, BM=cfg.BM,
+                BH=cfg.BH, PREC=PRECISIONS[precision], num_warps=cfg.num_warps)
+
+
+def step_forward(u, w_in, w_mid, w_out, vec, sig, cfg, K, parity, inverse, n_res, n_mlp,
+                 precision, store):
+    """One step on ``u (N, D)`` (contiguous). Weights packed as
+    :func:`rgflow_fast.triton_layer.pack_params` packs them, in the operand dtype.
+
+    Returns ``(u' (N, D), rows (N,), hsave)``; ``hsave (2, R·(n_mlp+1)+1, N, VW)`` holds the
+    pre-activations when ``store`` (else an empty tensor)."""
+    N, D = u.shape
+    grid = (triton.cdiv(N, cfg.BM),)
+    y = torch.empty_like(u)
+    rows = u.new_empty(N)
+    scr = torch.empty(grid[0] * 2 * cfg.BM * cfg.HP, dtype=w_in.dtype, device=u.device)
+    nslot = n_res * (n_mlp + 1) + 1
+    hsave = u.new_empty((2, nslot, N, cfg.VW) if store else (0,))
+    _step_fwd_kernel[grid](
+        u, y, rows, w_in, w_mid, w_out, vec, sig, scr, hsave if store else u, N, D,
+        PARITY=parity, INVERSE=inverse, STORE=store, **_meta(cfg, K, n_res, n_mlp, precision),
+    )
+    return y, rows, hsave
+
+
+def step_backward(u, g_y, g_rows, hsave, w_in, w_mid, w_out, vec, sig, cfg, K, parity, inverse,
+                  n_res, n_mlp, precision):
+    """Backward of one step. Returns ``(g_u (N, D), G, g_β partials, g_σ partials)`` with
+    ``G (2, R, n_mlp+1, N, VW)`` each linear's output gradient, ``g_β`` partials
+    ``(programs, 2, R, n_mlp+1, VW)``, ``g_σ`` partials ``(programs, 2, DP)``."""
+    N, D = u.shape
+    grid = (triton.cdiv(N, cfg.BM),)
+    g_u = torch.empty_like(u)
+    gsave = u.new_empty(2, n_res, n_mlp + 1, N, cfg.VW)
+    pvec = u.new_zeros(grid[0], 2, n_res, n_mlp + 1, cfg.VW)
+    psig = u.new_empty(grid[0], 2, cfg.DP)
+    _step_bwd_kernel[grid](
+        u, g_y, g_rows, g_u, w_in, w_mid, w_out, vec, sig, hsave, gsave, pvec, psig, N, D,
+        PARITY=parity, INVERSE=inverse, **_meta(cfg, K, n_res, n_mlp, precision),
+    )
+    return g_u, gsave, pvec, psig
+
+
+def weight_grads(gsave, hsave, vec, cfg, n_res, n_mlp, precision, dtype):
+    """``(g_W_in (2R, HP, DP), g_W_mid (2R(n_mlp-1), HP, HP), g_W_out (2R, DP, HP))``."""
+    N = gsave.shape[3]
+    out = []
+    for i0, cnt, out_w, in_w in ((0, 1, cfg.HP, cfg.DP), (1, n_mlp - 1, cfg.HP, cfg.HP),
+                                 (n_mlp, 1, cfg.DP, cfg.HP)):
+        g = torch.empty(2 * n_res * cnt, out_w, in_w, dtype=dtype, device=gsave.device)
+        if g.numel():
+            grid = (triton.cdiv(out_w, cfg.BO), triton.cdiv(in_w, cfg.BI), 2 * n_res * cnt)
+            _wgrad_kernel[grid](
+                gsave, hsave, vec, g, N, N_RES=n_res, N_MLP=n_mlp, VW=cfg.VW, I0=i0, CNT=cnt,
+                OUT_W=out_w, IN_W=in_w, BO=cfg.BO, BI=cfg.BI, BN=cfg.BN,
+                PREC=PRECISIONS[precision], num_warps=cfg.num_warps,
+            )
+        out.append(g)
+    return out
