@@ -34,15 +34,17 @@ def extension_build():
             "pip's isolated build environment cannot see: install torch first, then run "
             "RGFLOW_FAST_BUILD_EXT=1 pip install --no-build-isolation ."
         ) from exc
-    # the same flags as the just-in-time build (rgflow_fast/_extension.py imports only torch)
+    # the same parts, sources and flags as the just-in-time build (rgflow_fast/_extension.py
+    # imports only torch)
     spec = importlib.util.spec_from_file_location("_rgflow_fast_extension", HERE / "rgflow_fast" / "_extension.py")
     extension = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(extension)
     flags = extension.compile_args()
+    parts = extension.PARTS
     modules = [
         cpp_extension.CppExtension(
-            "rgflow_fast._C",
-            ["csrc/rg_coupling.cpp"],
+            parts["cpu"].aot_module,
+            [f"csrc/{f}" for f in parts["cpu"].sources],
             include_dirs=[str(HERE / "csrc")],
             extra_compile_args={"cxx": flags["cxx"]},
             extra_link_args=flags["ld"],
@@ -59,8 +61,8 @@ def extension_build():
             )
         modules.append(
             cpp_extension.CUDAExtension(
-                "rgflow_fast._C_cuda",
-                ["csrc/rg_coupling_cuda.cu"],
+                parts["cuda"].aot_module,
+                [f"csrc/{f}" for f in parts["cuda"].sources],
                 include_dirs=[str(HERE / "csrc")],
                 extra_compile_args={"cxx": ["-O3"], "nvcc": flags["nvcc"]},
             )
@@ -69,7 +71,8 @@ def extension_build():
 
 
 setup(
-    packages=["rgflow_fast", "rgflow_fast.interop", "rgflow_fast.kernels", "rgflow_fast.csrc"],
+    packages=["rgflow_fast", "rgflow_fast.interop", "rgflow_fast.training", "rgflow_fast.commands",
+              "rgflow_fast.kernels", "rgflow_fast.csrc"],
     package_dir={"rgflow_fast": "rgflow_fast", "rgflow_fast.kernels": "kernels", "rgflow_fast.csrc": "csrc"},
     package_data={"rgflow_fast.csrc": ["*.h", "*.cpp", "*.cu"]},
     **extension_build(),

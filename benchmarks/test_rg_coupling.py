@@ -16,7 +16,6 @@ import pytest
 import torch
 
 import rgflow_fast as rf
-from rgflow_fast import reference
 
 import harness as bench
 import floors
@@ -46,12 +45,13 @@ def _inputs(shape: floors.OpShape):
 
 
 def _ops(backend):
-    """The four public ops as ``backend`` runs them (the compiled case: the reference's
-    own functions under ``torch.compile``)."""
+    """The four public ops as ``backend`` runs them (the compiled case: under
+    ``torch.compile``, inside ``bench.use``, which selects the reference)."""
     names = ("rg_gather", "rg_scatter", "rg_coupling", "rg_coupling_inverse")
+    ops = {n: getattr(rf.functional, n) for n in names}
     if backend == bench.COMPILED:
-        return {n: torch.compile(getattr(reference, n), dynamic=False) for n in names}
-    return {n: getattr(rf.functional, n) for n in names}
+        return {n: torch.compile(op, dynamic=False) for n, op in ops.items()}
+    return ops
 
 
 def _case(op, ops, inp, geometry):

@@ -51,7 +51,9 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-__all__ = ["INTERPRETED", "gather", "scatter", "coupling", "coupling_backward"]
+from rgflow_fast.geometry import blocks_per_side
+
+__all__ = ["INTERPRETED", "gather", "scatter", "coupling", "coupling_backward", "KERNELS"]
 
 _BLOCK_MAX = 1024
 
@@ -65,16 +67,31 @@ def _tanh(s):
 
 
 @triton.jit
-def _locate(idx, L, off, M, K: tl.constexpr, D: tl.constexpr):
-    """Pixel ``idx`` (flat, in one plane) -> (row i, col j, in a patch?, patch p, a, bb)."""
+def _pixel_site(C, L, off, M, K: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr):
+    """Where the pixels of this program of a pixel grid sit. Program ``(b·C + c, tile)`` takes
+    pixels ``idx = tile·BLOCK + [0, BLOCK)`` of plane ``(b, c)``; returns ``(bc, b, c, idx,
+    valid, i, j, inside, row, a, bb)``: pixel ``(i, j)``, whether a patch holds it, and if so
+    its patch row ``row = b·P + p`` and element ``(a, bb)``."""
+    bc = tl.program_id(0).to(tl.int64)
+    b = bc // C
+    c = bc % C
+    idx = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    valid = idx < L * L
     i = idx // L
     j = idx % L
     ri = (i - off + L) % L
     rj = (j - off + L) % L
-    inside = ((ri % D) == 0) & ((rj % D) == 0)
+    inside = valid & ((ri % D) == 0) & ((rj % D) == 0)
     ri = ri // D
     rj = rj // D
-    return i, j, inside, (ri // K) * M + rj // K, ri % K, rj % K
+    row = b * (M * M) + (ri // K) * M + rj // K
+    return bc, b, c, idx, valid, i, j, inside, row, ri % K, rj % K
+
+
+@triton.jit
+def _transformed(inside, a, bb, PARITY: tl.constexpr):
+    # parity 0 transforms a+b odd, parity 1 a+b even
+    return inside & (((a + bb) % 2) != PARITY)
 
 
 @triton.jit
@@ -101,30 +118,16 @@ def _gather_kernel(
 
 @triton.jit
 def _scatter_kernel(
-    p_ptr, base_ptr, out_ptr, C, L, off, M,
+    p_ptr, x_ptr, out_ptr, C, L, off, M,
     spr, spc, sph, spw,
-    sbb, sbc, sbh, sbw,
-    HAS_PATCHES: tl.constexpr, HAS_BASE: tl.constexpr,
+    sxb, sxc, sxh, sxw,
     K: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    # out = patches on patch pixels, base elsewhere; a missing operand reads as zeros.
-    bc = tl.program_id(0).to(tl.int64)
-    b = bc // C
-    c = bc % C
-    idx = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    valid = idx < L * L
-    i, j, inside, p, a, bb = _locate(idx, L, off, M, K, D)
-    if HAS_PATCHES:
-        row = b * (M * M) + p
-        val = tl.load(p_ptr + row * spr + c * spc + a * sph + bb * spw, mask=valid & inside, other=0.0)
-    else:
-        val = tl.zeros([BLOCK], dtype=out_ptr.dtype.element_ty)
-    if HAS_BASE:
-        keep = tl.load(base_ptr + b * sbb + c * sbc + i * sbh + j * sbw, mask=valid & ~inside, other=0.0)
-        val = tl.where(inside, val, keep)
-    else:
-        val = tl.where(inside, val, 0.0)
-    tl.store(out_ptr + bc * L * L + idx, val.to(out_ptr.dtype.element_ty), mask=valid)
+    # out = patches on the patch pixels, x elsewhere; each is read only where it is used.
+    bc, b, c, idx, valid, i, j, inside, row, a, bb = _pixel_site(C, L, off, M, K, D, BLOCK)
+    val = tl.load(p_ptr + row * spr + c * spc + a * sph + bb * spw, mask=inside, other=0.0)
+    keep = tl.load(x_ptr + b * sxb + c * sxc + i * sxh + j * sxw, mask=valid & ~inside, other=0.0)
+    tl.store(out_ptr + bc * L * L + idx, tl.where(inside, val, keep), mask=valid)
 
 
 @triton.jit
@@ -138,16 +141,8 @@ def _coupling_kernel(
 ):
     # y = x·exp(tanh s) + t (inverse: (x - t)·exp(-tanh s)) on the transformed half, x
     # elsewhere; v (if EMIT) = y on the transformed half, 0 on the rest of each patch.
-    bc = tl.program_id(0).to(tl.int64)
-    tile = tl.program_id(1)
-    b = bc // C
-    c = bc % C
-    idx = tile * BLOCK + tl.arange(0, BLOCK)
-    valid = idx < L * L
-    i, j, inside, p, a, bb = _locate(idx, L, off, M, K, D)
-    # parity 0 transforms a+b odd, parity 1 a+b even
-    transformed = valid & inside & (((a + bb) % 2) != PARITY)
-    row = b * (M * M) + p
+    bc, b, c, idx, valid, i, j, inside, row, a, bb = _pixel_site(C, L, off, M, K, D, BLOCK)
+    transformed = _transformed(inside, a, bb, PARITY)
     x = tl.load(x_ptr + b * sxb + c * sxc + i * sxh + j * sxw, mask=valid, other=0.0)
     s = tl.load(s_ptr + row * ssr + c * ssc + a * ssh + bb * ssw, mask=transformed, other=0.0).to(ACC)
     t = tl.load(t_ptr + row * str_ + c * stc + a * sth + bb * stw, mask=transformed, other=0.0).to(ACC)
@@ -161,11 +156,11 @@ def _coupling_kernel(
     tl.store(y_ptr + bc * L * L + idx, y, mask=valid)
     if EMIT:
         v = tl.where(transformed, y, 0.0).to(x.dtype)
-        tl.store(v_ptr + row * (C * K * K) + c * (K * K) + a * K + bb, v, mask=valid & inside)
+        tl.store(v_ptr + row * (C * K * K) + c * (K * K) + a * K + bb, v, mask=inside)
     part = tl.sum(tl.where(transformed, th, 0.0), axis=0)
     if INVERSE:
         part = -part
-    tl.store(ldj_ptr + bc * tl.num_programs(1) + tile, part)
+    tl.store(ldj_ptr + bc * tl.num_programs(1) + tl.program_id(1), part)
 
 
 @triton.jit
@@ -186,14 +181,8 @@ def _coupling_backward_kernel(
     #   inverse: g_y = g·e', g_t = -g·e',  g_s = -(g·x' + g_ldj)·(1 - tanh²s), e' = exp(-tanh s),
     #            x' = (y - t)·e'
     # and g_x = g_y, g_s = g_t = 0 off the transformed half.
-    bc = tl.program_id(0).to(tl.int64)
-    b = bc // C
-    c = bc % C
-    idx = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    valid = idx < L * L
-    i, j, inside, p, a, bb = _locate(idx, L, off, M, K, D)
-    transformed = valid & inside & (((a + bb) % 2) != PARITY)
-    row = b * (M * M) + p
+    bc, b, c, idx, valid, i, j, inside, row, a, bb = _pixel_site(C, L, off, M, K, D, BLOCK)
+    transformed = _transformed(inside, a, bb, PARITY)
     gy = tl.load(gy_ptr + b * sgb + c * sgc + i * sgh + j * sgw, mask=valid, other=0.0)
     x = tl.load(x_ptr + b * sxb + c * sxc + i * sxh + j * sxw, mask=transformed, other=0.0).to(ACC)
     s = tl.load(s_ptr + row * ssr + c * ssc + a * ssh + bb * ssw, mask=transformed, other=0.0).to(ACC)
@@ -218,8 +207,8 @@ def _coupling_backward_kernel(
     out_ty = gx_ptr.dtype.element_ty
     tl.store(gx_ptr + bc * L * L + idx, tl.where(transformed, gx.to(out_ty), gy.to(out_ty)), mask=valid)
     at = row * (C * K * K) + c * (K * K) + a * K + bb
-    tl.store(gs_ptr + at, tl.where(transformed, gs, 0.0).to(out_ty), mask=valid & inside)
-    tl.store(gt_ptr + at, tl.where(transformed, gt, 0.0).to(out_ty), mask=valid & inside)
+    tl.store(gs_ptr + at, tl.where(transformed, gs, 0.0).to(out_ty), mask=inside)
+    tl.store(gt_ptr + at, tl.where(transformed, gt, 0.0).to(out_ty), mask=inside)
 
 
 INTERPRETED = isinstance(_coupling_kernel, InterpretedFunction)
@@ -243,7 +232,7 @@ def _device(t):
 def gather(x, kernel_size, dilation, offset):
     """``x (B, C, L, L)`` (any strides) -> contiguous patches ``(B·P, C, k, k)``."""
     B, C, L, _ = x.shape
-    m = L // (kernel_size * dilation)
+    m = blocks_per_side(L, kernel_size, dilation)
     out = x.new_empty(B * m * m, C, kernel_size, kernel_size)
     total = out.numel()
     if total == 0:
@@ -257,24 +246,19 @@ def gather(x, kernel_size, dilation, offset):
     return out
 
 
-def scatter(patches, base, image_size, kernel_size, dilation, offset):
+def scatter(patches, x, kernel_size, dilation, offset):
     """Contiguous image ``(B, C, L, L)``: ``patches (B·P, C, k, k)`` on the patch pixels,
-    ``base (B, C, L, L)`` elsewhere. Either may be None (read as zeros), not both."""
-    like = patches if patches is not None else base
-    m = image_size // (kernel_size * dilation)
-    B = base.shape[0] if base is not None else patches.shape[0] // (m * m)
-    C = like.shape[1]
-    out = like.new_empty(B, C, image_size, image_size)
+    ``x (B, C, L, L)`` elsewhere. Inputs may have any strides (a broadcast zero reads as
+    zeros without memory traffic)."""
+    B, C, L, _ = x.shape
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
     if out.numel() == 0:
         return out
-    grid, block = _pixel_grid(B * C, image_size)
-    p_strides = patches.stride() if patches is not None else (0, 0, 0, 0)
-    b_strides = base.stride() if base is not None else (0, 0, 0, 0)
-    with _device(like):
+    grid, block = _pixel_grid(B * C, L)
+    with _device(x):
         _scatter_kernel[grid](
-            patches if patches is not None else out, base if base is not None else out, out,
-            C, image_size, offset, m, *p_strides, *b_strides,
-            HAS_PATCHES=patches is not None, HAS_BASE=base is not None,
+            patches, x, out, C, L, offset, blocks_per_side(L, kernel_size, dilation),
+            *patches.stride(), *x.stride(),
             K=kernel_size, D=dilation, BLOCK=block,
         )
     return out
@@ -290,16 +274,16 @@ def coupling(x, s, t, kernel_size, dilation, offset, parity, inverse, emit):
     elsewhere (the next step's net input); else ``v`` is empty.
     """
     B, C, L, _ = x.shape
-    m = L // (kernel_size * dilation)
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
-    v = x.new_empty(B * m * m, C, kernel_size, kernel_size) if emit else x.new_empty(0)
+    v = torch.empty_like(s, memory_format=torch.contiguous_format) if emit else x.new_empty(0)
     grid, block = _pixel_grid(B * C, L)
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     parts = torch.empty(B * C, grid[1], dtype=acc_dtype, device=x.device)
     if y.numel():
         with _device(x):
             _coupling_kernel[grid](
-                x, s, t, y, v if emit else y, parts, C, L, offset, m,
+                x, s, t, y, v if emit else y, parts, C, L, offset,
+                blocks_per_side(L, kernel_size, dilation),
                 *x.stride(), *s.stride(), *t.stride(),
                 PARITY=parity, INVERSE=inverse, EMIT=emit, ACC=_acc(x.dtype),
                 K=kernel_size, D=dilation, BLOCK=block,
@@ -313,7 +297,6 @@ def coupling_backward(x, s, t, g_y, g_ldj, g_v, kernel_size, dilation, offset, p
     ``t`` and the output gradients ``g_y (B, C, L, L)``, ``g_ldj (B,)`` and ``g_v`` (the
     emitted patches' gradient, or None). All inputs may have any strides."""
     B, C, L, _ = x.shape
-    m = L // (kernel_size * dilation)
     g_x = torch.empty_like(x, memory_format=torch.contiguous_format)
     g_s = torch.empty_like(s, memory_format=torch.contiguous_format)
     g_t = torch.empty_like(t, memory_format=torch.contiguous_format)
@@ -323,10 +306,19 @@ def coupling_backward(x, s, t, g_y, g_ldj, g_v, kernel_size, dilation, offset, p
     with _device(x):
         _coupling_backward_kernel[grid](
             x, s, t, g_y, g_ldj, g_v if g_v is not None else g_y, g_x, g_s, g_t,
-            C, L, offset, m,
+            C, L, offset, blocks_per_side(L, kernel_size, dilation),
             *x.stride(), *s.stride(), *t.stride(), *g_y.stride(), g_ldj.stride(0),
             *(g_v.stride() if g_v is not None else (0, 0, 0, 0)),
             PARITY=parity, INVERSE=inverse, HAS_GV=g_v is not None, ACC=_acc(x.dtype),
             K=kernel_size, D=dilation, BLOCK=block,
         )
     return g_x, g_s, g_t
+
+
+# The launchers under the names of the backend contract's ops (rgflow_fast.backends.OP_SCHEMAS).
+KERNELS = {
+    "rg_gather": gather,
+    "rg_scatter": scatter,
+    "rg_coupling": coupling,
+    "rg_coupling_backward": coupling_backward,
+}

@@ -1,21 +1,11 @@
-"""Build, load and wire up the C++/CUDA extension behind backends ``"cpp"`` and ``"cuda"``.
+"""Build and load the C++/CUDA extension behind backends ``"cpp"`` and ``"cuda"``.
 
-The extension defines, with ``TORCH_LIBRARY``, the ops of the ``rg_coupling`` family in the
-namespace ``rgflow_fast`` (CPU kernels: ``csrc/rg_coupling.cpp``; CUDA kernels of the same
-schema: ``csrc/rg_coupling_cuda.cu``)::
-
-    rgflow_fast::rg_gather(x, k, d, off) -> patches (B*P, C, k, k)
-    rgflow_fast::rg_scatter(patches, x, k, d, off) -> image (B, C, L, L)
-    rgflow_fast::rg_coupling(x, s, t, k, d, off, parity, inverse, emit) -> (y, ldj, v)
-    rgflow_fast::rg_coupling_backward(x, s, t, grad_y, grad_ldj, grad_v?, k, d, off, parity,
-                                      inverse) -> (grad_x, grad_s, grad_t)
-
-This module registers their autograd formulas and fake (meta) kernels, so the dispatcher,
-``torch.compile`` and ``torch.library.opcheck`` handle them like built-in ops. Gather and
-scatter are differentiable any number of times; the coupling op once (its backward recomputes
-``tanh s`` and ``exp`` from the saved inputs ``x, s, t``). The log-det is reduced in a fixed
-order on both devices (per row, then per sample on the CPU; per block, then per sample on
-CUDA), so every result is deterministic and, on the CPU, independent of the thread count.
+The extension defines, with ``TORCH_LIBRARY``, the ops of the backend contract in the
+namespace ``rgflow_fast`` (schemas: :data:`rgflow_fast.backends.OP_SCHEMAS`; CPU kernels:
+``csrc/rg_coupling.cpp``; CUDA kernels of the same schema: ``csrc/rg_coupling_cuda.cu``).
+:mod:`rgflow_fast.cpp_ops` registers their autograd formulas and fake kernels once loaded.
+The extension has two parts, one per device kind, each declared once in :data:`PARTS`
+(the ahead-of-time build in ``setup.py`` reads the same declarations).
 
 How a part (``"cpu"`` or ``"cuda"``) is loaded, the first time a backend is probed
 (:func:`rgflow_fast.available_backends`, :func:`rgflow_fast.use_backend`, or the first op that
@@ -31,6 +21,8 @@ How a part (``"cpu"`` or ``"cuda"``) is loaded, the first time a backend is prob
 A part that cannot load makes its backend unavailable, with the reason (what is missing and
 how to fix it) in :func:`unavailable_reason`. The CUDA part needs a CUDA build of torch, a
 visible GPU and nvcc (``$CUDA_HOME/bin/nvcc``), and loads the CPU part first (the schema).
+
+This module imports only torch and the standard library: ``setup.py`` runs it on its own.
 """
 from __future__ import annotations
 
@@ -41,27 +33,26 @@ import os
 import shutil
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
-__all__ = [
-    "DTYPES",
-    "compile_args",
-    "source_dir",
-    "unavailable_reason",
-    "rg_gather",
-    "rg_scatter",
-    "rg_coupling",
-    "rg_coupling_inverse",
-    "rg_coupling_step",
-]
+__all__ = ["PARTS", "Part", "compile_args", "source_dir", "unavailable_reason"]
 
-DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
-# part -> (ahead-of-time module, just-in-time name, sources in csrc/, first-build time)
-_PARTS = {
-    "cpu": ("rgflow_fast._C", "rgflow_fast_cpu", ("rg_coupling.cpp",), "about a minute"),
-    "cuda": ("rgflow_fast._C_cuda", "rgflow_fast_cuda", ("rg_coupling_cuda.cu",), "about two minutes"),
+class Part(NamedTuple):
+    """One part of the extension: the kernels of one device kind."""
+
+    aot_module: str  # the ahead-of-time build's module name
+    jit_name: str  # the just-in-time build's name (its folder in torch's extension cache)
+    sources: tuple[str, ...]  # in csrc/
+    first_build: str  # how long its first just-in-time build takes
+
+
+# device type -> its part of the extension
+PARTS = {
+    "cpu": Part("rgflow_fast._C", "rgflow_fast_cpu", ("rg_coupling.cpp", "rg_coupling_layer.cpp"), "about a minute"),
+    "cuda": Part("rgflow_fast._C_cuda", "rgflow_fast_cuda", ("rg_coupling_cuda.cu",), "about two minutes"),
 }
 
 
@@ -92,13 +83,12 @@ def compile_args() -> dict:
 
 def unavailable_reason(part: str) -> str | None:
     """Why ``part`` (``"cpu"`` or ``"cuda"``) cannot load here, or None once it has loaded.
-    Builds it on the first call (see the module docstring)."""
+    Loads or builds it on the first call (see the module docstring)."""
     return _load(part)
 
 
 @functools.lru_cache(maxsize=None)
 def _load(part: str) -> str | None:
-    module_name, _, _, _ = _PARTS[part]
     if part == "cuda":
         if torch.version.cuda is None:
             return "this torch is a CPU-only build; install a CUDA build of torch"
@@ -107,7 +97,7 @@ def _load(part: str) -> str | None:
         reason = _load("cpu")
         if reason is not None:
             return f"it needs the CPU part of the extension, which cannot load: {reason}"
-    spec = importlib.util.find_spec(module_name)
+    spec = importlib.util.find_spec(PARTS[part].aot_module)
     if spec is not None and spec.origin:
         try:
             torch.ops.load_library(spec.origin)
@@ -118,13 +108,8 @@ def _load(part: str) -> str | None:
                 f"pip install --no-build-isolation . (or reinstall without RGFLOW_FAST_BUILD_EXT "
                 f"to build it on first use)"
             )
-    else:
-        reason = _build(part)
-        if reason is not None:
-            return reason
-    if part == "cpu":
-        _register_autograd_and_fake()
-    return None
+        return None
+    return _build(part)
 
 
 def _cpp_extension():
@@ -144,7 +129,7 @@ def _build(part: str) -> str | None:
     """Just-in-time build and load of one part; None on success, else why it failed."""
     cpp_extension = _cpp_extension()
 
-    _, name, sources, duration = _PARTS[part]
+    name = PARTS[part].jit_name
     src = source_dir()
     if src is None:
         return "its C++ sources (csrc/) are missing from this installation; reinstall rgflow-fast"
@@ -168,7 +153,7 @@ def _build(part: str) -> str | None:
             )
     if not _is_cached(name, src):
         print(
-            f"rgflow_fast: building the {part.upper()} extension (first use only, {duration}; "
+            f"rgflow_fast: building the {part.upper()} extension (first use only, {PARTS[part].first_build}; "
             f"cached in torch's extension folder)...",
             file=sys.stderr,
             flush=True,
@@ -177,7 +162,7 @@ def _build(part: str) -> str | None:
     try:
         cpp_extension.load(
             name=name,
-            sources=[str(src / f) for f in sources],
+            sources=[str(src / f) for f in PARTS[part].sources],
             extra_include_paths=[str(src)],
             extra_cflags=flags["cxx"],
             extra_cuda_cflags=flags["nvcc"],
@@ -209,103 +194,3 @@ def _is_cached(name: str, src: Path) -> bool:
     built = [p.stat().st_mtime for p in build_dir.glob(f"{name}*") if p.suffix in (".so", ".pyd")]
     newest_source = max(p.stat().st_mtime for p in src.iterdir())
     return bool(built) and max(built) >= newest_source
-
-
-# --- autograd formulas and fake kernels ----------------------------------------------------
-
-
-def _patch_count(image_size, kernel_size, dilation):
-    return (image_size // (kernel_size * dilation)) ** 2
-
-
-def _register_autograd_and_fake() -> None:
-    ops = torch.ops.rgflow_fast
-    lib = "rgflow_fast::"
-
-    def gather_fake(x, kernel_size, dilation, offset):
-        P = _patch_count(x.shape[-1], kernel_size, dilation)
-        return x.new_empty(x.shape[0] * P, x.shape[1], kernel_size, kernel_size)
-
-    def gather_setup(ctx, inputs, output):
-        x, *ctx.geometry = inputs
-        ctx.image_shape = x.shape
-
-    def gather_backward(ctx, grad):
-        return ops.rg_scatter(grad, grad.new_zeros(ctx.image_shape), *ctx.geometry), None, None, None
-
-    def scatter_fake(patches, x, kernel_size, dilation, offset):
-        return x.new_empty(x.shape)
-
-    def scatter_setup(ctx, inputs, output):
-        patches, _, *ctx.geometry = inputs
-        ctx.patch_shape = patches.shape
-
-    def scatter_backward(ctx, grad):
-        g_patches = ops.rg_gather(grad, *ctx.geometry) if ctx.needs_input_grad[0] else None
-        g_x = None
-        if ctx.needs_input_grad[1]:
-            g_x = ops.rg_scatter(grad.new_zeros(ctx.patch_shape), grad, *ctx.geometry)
-        return g_patches, g_x, None, None, None
-
-    def coupling_fake(x, s, t, kernel_size, dilation, offset, parity, inverse, emit):
-        v = s.new_empty(s.shape) if emit else x.new_empty(0)
-        return x.new_empty(x.shape), x.new_empty(x.shape[0]), v
-
-    def coupling_setup(ctx, inputs, output):
-        x, s, t, *ctx.geometry, ctx.inverse, ctx.emit = inputs
-        ctx.save_for_backward(x, s, t)
-
-    def coupling_backward(ctx, g_y, g_ldj, g_v):
-        x, s, t = ctx.saved_tensors
-        g_y = torch.zeros_like(x) if g_y is None else g_y
-        g_ldj = x.new_zeros(x.shape[0]) if g_ldj is None else g_ldj
-        g_v = g_v if ctx.emit else None
-        g_x, g_s, g_t = ops.rg_coupling_backward(x, s, t, g_y, g_ldj, g_v, *ctx.geometry, ctx.inverse)
-        return g_x, g_s, g_t, None, None, None, None, None, None
-
-    def coupling_backward_fake(x, s, t, g_y, g_ldj, g_v, kernel_size, dilation, offset, parity, inverse):
-        return x.new_empty(x.shape), s.new_empty(s.shape), t.new_empty(t.shape)
-
-    def no_double_backward(ctx, *grads):
-        raise RuntimeError(
-            "the 'cpp'/'cuda' backends' rg_coupling ops are differentiable once; for "
-            "higher-order gradients run them under rgflow_fast.use_backend('torch')"
-        )
-
-    torch.library.register_fake(lib + "rg_gather", gather_fake)
-    torch.library.register_autograd(lib + "rg_gather", gather_backward, setup_context=gather_setup)
-    torch.library.register_fake(lib + "rg_scatter", scatter_fake)
-    torch.library.register_autograd(lib + "rg_scatter", scatter_backward, setup_context=scatter_setup)
-    torch.library.register_fake(lib + "rg_coupling", coupling_fake)
-    torch.library.register_autograd(lib + "rg_coupling", coupling_backward, setup_context=coupling_setup)
-    torch.library.register_fake(lib + "rg_coupling_backward", coupling_backward_fake)
-    torch.library.register_autograd(
-        lib + "rg_coupling_backward", no_double_backward, setup_context=lambda ctx, inputs, output: None
-    )
-
-
-# --- the backend interface (see rgflow_fast.backends), shared by cpp_ops and cuda_ops --------
-
-
-def rg_gather(x, kernel_size, dilation, offset):
-    return torch.ops.rgflow_fast.rg_gather(x, kernel_size, dilation, offset)
-
-
-def rg_scatter(patches, x, kernel_size, dilation, offset):
-    return torch.ops.rgflow_fast.rg_scatter(patches, x, kernel_size, dilation, offset)
-
-
-def rg_coupling(x, s, t, kernel_size, dilation, offset, parity):
-    y, ldj, _ = torch.ops.rgflow_fast.rg_coupling(x, s, t, kernel_size, dilation, offset, parity, False, False)
-    return y, ldj
-
-
-def rg_coupling_inverse(y, s, t, kernel_size, dilation, offset, parity):
-    x, inv_ldj, _ = torch.ops.rgflow_fast.rg_coupling(y, s, t, kernel_size, dilation, offset, parity, True, False)
-    return x, inv_ldj
-
-
-def rg_coupling_step(x, s, t, kernel_size, dilation, offset, parity, inverse):
-    """One step that also emits ``v``: the patches of its output on the transformed half, zero
-    elsewhere (the next step's net input). Returns ``(out, ldj, v)``."""
-    return torch.ops.rgflow_fast.rg_coupling(x, s, t, kernel_size, dilation, offset, parity, inverse, True)

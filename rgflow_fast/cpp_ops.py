@@ -1,34 +1,97 @@
-"""Backend ``"cpp"``: the RG ops as C++ CPU kernels (``csrc/rg_coupling.cpp``).
+"""Backends ``"cpp"`` and ``"cuda"``: the two device kinds of the C++/CUDA extension.
 
-One pass per op, parallel over image rows (``at::parallel_for``), with vectorised inner loops;
-``"auto"`` picks it for CPU tensors. Runs float32, float64, float16 and bfloat16 (half
-precision computes in float32). Results are bitwise identical for any number of threads.
-The extension is built on first use (see :mod:`rgflow_fast._extension`).
+The extension defines the ops of the backend contract (:mod:`rgflow_fast.backends`) once, as
+``torch.library`` ops in the namespace ``rgflow_fast`` (schema: ``csrc/rg_coupling.cpp``),
+with CPU kernels (``csrc/rg_coupling.cpp``) and CUDA kernels of the same schema
+(``csrc/rg_coupling_cuda.cu``); torch dispatches each call on the tensors' device. This module
+registers their fake kernels and autograd formulas (:func:`rgflow_fast.backends.register_ops`)
+and states, per device kind, the backend name and the dtypes its kernels are compiled for.
+
+- ``"cpp"`` (CPU): one pass per op, parallel over image rows (``at::parallel_for``), with
+  vectorised inner loops; ``"auto"`` picks it for CPU tensors. Results are bitwise identical
+  for any number of threads.
+- ``"cuda"``: for GPUs where Triton is unavailable or slower; the log-det is reduced in a fixed
+  order (no atomics), so results are deterministic.
+
+Both run float32, float64, float16 and bfloat16 (half precision computes in float32). Each part
+of the extension is built on first use (see :mod:`rgflow_fast._extension`); the CUDA part needs
+a CUDA build of torch, a visible GPU and nvcc.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from . import _extension
-from ._extension import rg_coupling, rg_coupling_inverse, rg_coupling_step, rg_gather, rg_scatter
+from . import _extension, backends, coupling_layer, reference
 
-__all__ = ["rg_gather", "rg_scatter", "rg_coupling", "rg_coupling_inverse", "rg_coupling_step"]
+__all__ = ["ExtensionBackend", "DEVICE_KINDS", "cpp", "cuda"]
 
-NAME = "cpp"
+_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+# device type (= part of the extension) -> backend name and the dtypes its kernels are compiled
+# for (RG_DISPATCH in csrc/)
+DEVICE_KINDS = {
+    "cpu": ("cpp", _FLOATS),
+    "cuda": ("cuda", _FLOATS),
+}
 
 
-def unavailable_reason():
-    """Why the C++ extension cannot load here (None once it has loaded; builds it if needed)."""
-    return _extension.unavailable_reason("cpu")
+# the fused coupling layer (csrc/rg_coupling_layer.cpp) has CPU kernels only; elsewhere the
+# backend runs the reference layer between its own gather and scatter
+LAYER_DTYPES = {"cpu": (torch.float32, torch.float64)}
 
 
-def unsupported_reason(x: torch.Tensor):
-    """Why the C++ kernels cannot run on tensor ``x`` (None if they can)."""
-    if x.device.type != "cpu":
-        return (
-            f"the C++ kernels run on CPU tensors, not {x.device.type}; use backend 'cuda', "
-            f"'triton' or 'auto' for GPU tensors"
-        )
-    if x.dtype not in _extension.DTYPES:
-        return f"dtype {x.dtype} is not supported (use float32, float64, float16 or bfloat16)"
-    return None
+@functools.lru_cache(maxsize=None)
+def _register():
+    """Fake kernels and autograd of the ops, once the schema (the CPU part) has loaded."""
+    backends.register_ops("rgflow_fast", label="backends 'cpp' and 'cuda'")
+    coupling_layer.register_fake_kernels("rgflow_fast")
+
+
+class ExtensionBackend:
+    """One device kind of the extension as a backend: the shared ops, this kind's probes."""
+
+    def __init__(self, device_type: str):
+        self.device_type = device_type
+        self.NAME, dtypes = DEVICE_KINDS[device_type]
+        self._dtypes = {device_type: dtypes}
+
+    def __repr__(self):
+        return f"<rgflow_fast backend {self.NAME!r} (C++ extension, {self.device_type} kernels)>"
+
+    def unavailable_reason(self):
+        """Why this part of the extension cannot load here (None once it has loaded; builds it
+        if needed)."""
+        reason = _extension.unavailable_reason(self.device_type)
+        if reason is None:
+            _register()
+        return reason
+
+    def unsupported_reason(self, x: torch.Tensor):
+        """Why these kernels cannot run on tensor ``x`` (None if they can)."""
+        return backends.unsupported_by_table(x, self._dtypes)
+
+    # --- the backend contract (see rgflow_fast.backends), the same ops on both kinds ---------
+
+    @staticmethod
+    def rg_gather(x, kernel_size, dilation, offset):
+        return torch.ops.rgflow_fast.rg_gather(x, kernel_size, dilation, offset)
+
+    @staticmethod
+    def rg_scatter(patches, x, kernel_size, dilation, offset):
+        return torch.ops.rgflow_fast.rg_scatter(patches, x, kernel_size, dilation, offset)
+
+    @staticmethod
+    def rg_coupling(x, s, t, kernel_size, dilation, offset, parity, inverse, emit):
+        return torch.ops.rgflow_fast.rg_coupling(x, s, t, kernel_size, dilation, offset, parity, inverse, emit)
+
+    @staticmethod
+    def rg_coupling_layer(u, ldj, params, n_mlp, inverse, recompute):
+        if backends.unsupported_by_table(u, LAYER_DTYPES) is None:
+            return torch.ops.rgflow_fast.rg_coupling_layer(u, ldj, params, n_mlp, inverse, recompute)
+        return reference.rg_coupling_layer(u, ldj, params, n_mlp, inverse, recompute)
+
+
+cpp = ExtensionBackend("cpu")
+cuda = ExtensionBackend("cuda")

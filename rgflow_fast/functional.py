@@ -1,9 +1,13 @@
 """The public RG ops. Each validates its inputs and runs on the backend chosen by
-:func:`rgflow_fast.use_backend` (the reference is :mod:`rgflow_fast.reference`).
+:func:`rgflow_fast.use_backend` (the reference is :mod:`rgflow_fast.reference`; the contract
+every backend implements is in :mod:`rgflow_fast.backends`).
 
 Shapes: image ``x (B, C, L, L)``; a block with kernel ``k``, dilation ``d`` has
 ``P = (L/(k*d))**2`` patches per image, stacked as ``(B*P, C, k, k)`` with row ``b*P + p``.
 All ops are differentiable in every tensor input.
+
+The validators (:func:`check_image`, :func:`check_patches`, :func:`check_parity`) are public
+for layers built on these ops.
 """
 from __future__ import annotations
 
@@ -12,12 +16,22 @@ import torch
 from . import backends
 from .geometry import check_patch_geometry
 
-__all__ = ["rg_gather", "rg_scatter", "rg_coupling", "rg_coupling_inverse", "rg_coupling_step"]
+__all__ = [
+    "rg_gather",
+    "rg_scatter",
+    "rg_coupling",
+    "rg_coupling_inverse",
+    "rg_coupling_step",
+    "check_image",
+    "check_patches",
+    "check_parity",
+]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _check_image(x, name="x"):
+def check_image(x, name="x"):
+    """Raise unless ``x`` is a floating-point tensor of shape ``(B, C, L, L)``."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor; got {type(x).__name__}")
     if x.dim() != 4:
@@ -28,7 +42,9 @@ def _check_image(x, name="x"):
         raise TypeError(f"{name} must be a floating-point tensor; got {x.dtype}")
 
 
-def _check_patches(p, x, kernel_size, dilation, offset, name):
+def check_patches(p, x, kernel_size, dilation, offset, name):
+    """Raise unless the block geometry is valid for image ``x`` and ``p`` is its patch tensor
+    ``(B*P, C, k, k)`` with ``x``'s dtype and device."""
     m = check_patch_geometry(x.shape[-1], kernel_size, dilation, offset)
     expected = (x.shape[0] * m * m, x.shape[1], kernel_size, kernel_size)
     if not isinstance(p, torch.Tensor):
@@ -45,9 +61,14 @@ def _check_patches(p, x, kernel_size, dilation, offset, name):
         )
 
 
-def _check_parity(parity):
+def check_parity(parity):
+    """Raise unless ``parity`` is 0 or 1."""
     if parity not in (0, 1) or isinstance(parity, bool):
         raise ValueError(f"parity must be 0 (transform a+b odd) or 1 (a+b even); got {parity!r}")
+
+
+# The names rgflow_fast.nn still calls; it moves to the public ones above.
+_check_image, _check_parity = check_image, check_parity
 
 
 def rg_gather(x, kernel_size, dilation, offset):
@@ -56,7 +77,7 @@ def rg_gather(x, kernel_size, dilation, offset):
     ``x (B, C, L, L) -> patches (B*P, C, k, k)`` with
     ``patches[b*P + pi*m + pj, c, a, bb] = x[b, c, (pi*k*d + a*d + offset) % L, (pj*k*d + bb*d + offset) % L]``.
     """
-    _check_image(x)
+    check_image(x)
     check_patch_geometry(x.shape[-1], kernel_size, dilation, offset)
     return backends.resolve(x).rg_gather(x, kernel_size, dilation, offset)
 
@@ -67,9 +88,18 @@ def rg_scatter(patches, x, kernel_size, dilation, offset):
     ``patches (B*P, C, k, k), x (B, C, L, L) -> (B, C, L, L)``; pixels that no patch
     touches keep their value from ``x``.
     """
-    _check_image(x)
-    _check_patches(patches, x, kernel_size, dilation, offset, "patches")
+    check_image(x)
+    check_patches(patches, x, kernel_size, dilation, offset, "patches")
     return backends.resolve(x).rg_scatter(patches, x, kernel_size, dilation, offset)
+
+
+def _coupling(x, s, t, kernel_size, dilation, offset, parity, inverse, emit, name):
+    """Validate, then one step on the backend: ``(y, ldj, v)`` (backend contract)."""
+    check_image(x, name)
+    check_patches(s, x, kernel_size, dilation, offset, "s")
+    check_patches(t, x, kernel_size, dilation, offset, "t")
+    check_parity(parity)
+    return backends.resolve(x).rg_coupling(x, s, t, kernel_size, dilation, offset, parity, inverse, emit)
 
 
 def rg_coupling(x, s, t, kernel_size, dilation, offset, parity):
@@ -80,21 +110,15 @@ def rg_coupling(x, s, t, kernel_size, dilation, offset, parity):
     even. Returns ``y (B, C, L, L)`` with ``y = x*exp(tanh s) + t`` at transformed
     positions (all other pixels unchanged) and ``ldj (B,) = Σ tanh s`` over them.
     """
-    _check_image(x)
-    _check_patches(s, x, kernel_size, dilation, offset, "s")
-    _check_patches(t, x, kernel_size, dilation, offset, "t")
-    _check_parity(parity)
-    return backends.resolve(x).rg_coupling(x, s, t, kernel_size, dilation, offset, parity)
+    y, ldj, _ = _coupling(x, s, t, kernel_size, dilation, offset, parity, False, False, "x")
+    return y, ldj
 
 
 def rg_coupling_inverse(y, s, t, kernel_size, dilation, offset, parity):
     """Inverse of :func:`rg_coupling`: ``x = (y - t)*exp(-tanh s)`` at transformed
     positions; returns ``(x (B, C, L, L), inv_ldj (B,) = -Σ tanh s)``."""
-    _check_image(y, "y")
-    _check_patches(s, y, kernel_size, dilation, offset, "s")
-    _check_patches(t, y, kernel_size, dilation, offset, "t")
-    _check_parity(parity)
-    return backends.resolve(y).rg_coupling_inverse(y, s, t, kernel_size, dilation, offset, parity)
+    x, inv_ldj, _ = _coupling(y, s, t, kernel_size, dilation, offset, parity, True, False, "y")
+    return x, inv_ldj
 
 
 def rg_coupling_step(x, s, t, kernel_size, dilation, offset, parity, inverse=False):
@@ -105,10 +129,6 @@ def rg_coupling_step(x, s, t, kernel_size, dilation, offset, parity, inverse=Fal
     ``mask`` is this step's transformed half — the positions the next step (parity
     ``1 - parity``) keeps, so ``v`` is its net input.
     """
-    _check_image(x)
-    _check_patches(s, x, kernel_size, dilation, offset, "s")
-    _check_patches(t, x, kernel_size, dilation, offset, "t")
-    _check_parity(parity)
     if not isinstance(inverse, bool):
         raise TypeError(f"inverse must be a bool; got {inverse!r}")
-    return backends.resolve(x).rg_coupling_step(x, s, t, kernel_size, dilation, offset, parity, inverse)
+    return _coupling(x, s, t, kernel_size, dilation, offset, parity, inverse, True, "x")

@@ -1,10 +1,12 @@
-"""Geometry of the RG blocks: levels, dilations, strides, offsets and patch indices.
+"""Geometry of the RG blocks: levels, dilations, strides, offsets, patch indices and the
+checkerboard masks of the coupling steps.
 
 An image of side ``L = k * 2**(n-1)`` has ``n`` RG levels. Level ``h`` uses dilation
 ``d = 2**h`` and stride ``k*d``; it has two blocks, offset ``0`` then ``k*d/2``. A block
 cuts the image into ``P = m*m`` patches (``m = L/(k*d)``); patch ``p = pi*m + pj``,
 element ``(a, b)`` sits at row ``(pi*k*d + a*d + offset) mod L`` and column
-``(pj*k*d + b*d + offset) mod L`` (periodic wrap).
+``(pj*k*d + b*d + offset) mod L`` (periodic wrap). A coupling step with ``parity`` 0
+transforms the patch elements with ``a+b`` odd, parity 1 those with ``a+b`` even.
 """
 from __future__ import annotations
 
@@ -18,7 +20,10 @@ __all__ = [
     "num_levels",
     "block_specs",
     "check_patch_geometry",
+    "blocks_per_side",
+    "num_patches",
     "patch_indices",
+    "checkerboard",
     "latent_levels",
 ]
 
@@ -36,11 +41,8 @@ class BlockSpec:
     blocks_per_side: int
 
     @property
-    def stride(self) -> int:
-        return self.kernel_size * self.dilation
-
-    @property
     def num_patches(self) -> int:
+        """Patches per image ``P = m*m``."""
         return self.blocks_per_side**2
 
 
@@ -75,14 +77,27 @@ def block_specs(image_size: int, kernel_size: int) -> list[BlockSpec]:
     specs = []
     for h in range(num_levels(image_size, kernel_size)):
         d = 2**h
-        m = image_size // (kernel_size * d)
+        m = blocks_per_side(image_size, kernel_size, d)
         for offset in (0, kernel_size * d // 2):
             specs.append(BlockSpec(len(specs), h, kernel_size, d, offset, m))
     return specs
 
 
+def blocks_per_side(image_size: int, kernel_size: int, dilation: int) -> int:
+    """Patches per side ``m = L/(k*d)`` of a block (of a geometry already checked with
+    :func:`check_patch_geometry`)."""
+    return image_size // (kernel_size * dilation)
+
+
+def num_patches(image_size: int, kernel_size: int, dilation: int) -> int:
+    """Patches per image ``P = m*m = (L/(k*d))**2`` of a block (of a checked geometry): the
+    patch tensor of a batch of ``B`` images has ``B*P`` rows."""
+    return blocks_per_side(image_size, kernel_size, dilation) ** 2
+
+
 def check_patch_geometry(image_size: int, kernel_size: int, dilation: int, offset: int) -> int:
-    """Validate one block's geometry; returns blocks per side ``m``."""
+    """Validate one block's geometry; returns blocks per side ``m``. Errors say which
+    argument is wrong and what it must be."""
     _check_kernel_size(kernel_size)
     for name, value in (("dilation", dilation), ("offset", offset)):
         if not isinstance(value, int) or isinstance(value, bool):
@@ -94,7 +109,7 @@ def check_patch_geometry(image_size: int, kernel_size: int, dilation: int, offse
             f"image size {image_size} must be a multiple of kernel_size*dilation = "
             f"{kernel_size}*{dilation} = {kernel_size * dilation}"
         )
-    return image_size // (kernel_size * dilation)
+    return blocks_per_side(image_size, kernel_size, dilation)
 
 
 @functools.lru_cache(maxsize=256)
@@ -124,6 +139,31 @@ def patch_indices(image_size, kernel_size, dilation, offset, device=None):
     if key not in _device_cache:
         _device_cache[key] = (rows.to(device), cols.to(device))
     return _device_cache[key]
+
+
+_masks: dict = {}
+
+
+def checkerboard(kernel_size: int, parity: int, like: torch.Tensor) -> torch.Tensor:
+    """``(k, k)`` mask, in ``like``'s dtype and on its device, of the positions a coupling step
+    with ``parity`` transforms: ``mask[a, b] = 1`` where ``a+b`` is odd for parity 0 (the
+    original's ``left`` step; its ``right`` step is parity 1, ``a+b`` even), else 0.
+
+    The masks are built once per ``(k, parity, dtype, device)`` and shared: do not modify the
+    returned tensor (``1 - mask`` is the kept half).
+    """
+    key = (kernel_size, parity, like.dtype, like.device)
+    mask = _masks.get(key)
+    if mask is None:
+        # a normal tensor even when first asked for under inference_mode: autograd may save it
+        with torch.inference_mode(False):
+            a = torch.arange(kernel_size)
+            odd = (a[:, None] + a[None, :]) % 2
+            mask = (odd if parity == 0 else 1 - odd).to(like.dtype).to(like.device)
+        if torch.compiler.is_compiling():
+            return mask  # built in the traced graph: not a tensor to keep across calls
+        _masks[key] = mask
+    return mask
 
 
 def latent_levels(image_size: int, kernel_size: int) -> torch.Tensor:

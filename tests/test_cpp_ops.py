@@ -17,14 +17,14 @@ import torch
 import rgflow_fast as rf
 from conftest import skip_unless_device
 from rgflow_fast import _extension, cpp_ops
-from rgflow_fast import functional as F
+from rgflow_fast import functional as rgf
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def ops():
-    reason = cpp_ops.unavailable_reason()
+    reason = cpp_ops.cpp.unavailable_reason()
     assert reason is None, f"the C++ extension does not load: {reason}"
     return torch.ops.rgflow_fast
 
@@ -41,7 +41,7 @@ def test_cpp_backend_is_available_and_auto_picks_it_on_cpu(ops):
     assert "cpp" in rf.available_backends()
     x, s, t = samples()
     with rf.use_backend("auto"):
-        assert rf.backends.resolve(x) is cpp_ops
+        assert rf.backends.resolve(x) is cpp_ops.cpp
 
 
 def test_opcheck(seed, ops):
@@ -63,8 +63,8 @@ def test_torch_compile_traces_without_graph_breaks(seed, ops):
     x, s, t = samples()
 
     def f(x, s, t):
-        y, ldj, v = F.rg_coupling_step(x, s, t, 4, 1, 2, 0, False)
-        return F.rg_gather(y, 4, 1, 0) * v, ldj
+        y, ldj, v = rgf.rg_coupling_step(x, s, t, 4, 1, 2, 0, False)
+        return rgf.rg_gather(y, 4, 1, 0) * v, ldj
 
     with rf.use_backend("cpp"):
         expected = f(x, s, t)
@@ -76,7 +76,7 @@ def test_torch_compile_traces_without_graph_breaks(seed, ops):
 def test_double_backward_says_what_to_do(seed, ops):
     x, s, t = samples(requires_grad=True)
     with rf.use_backend("cpp"):
-        y, ldj = F.rg_coupling(x, s, t, 4, 1, 2, 0)
+        y, ldj = rgf.rg_coupling(x, s, t, 4, 1, 2, 0)
     (gx,) = torch.autograd.grad(ldj.sum() + y.pow(2).sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match=r"differentiable once.*use_backend\('torch'\)"):
         gx.sum().backward()
@@ -86,7 +86,7 @@ def _coupling_results(x, s, t, inverse):
     """Outputs and all gradients of one fused step (with the emitted patches) on "cpp"."""
     leaves = [v.detach().clone().requires_grad_() for v in (x, s, t)]
     with rf.use_backend("cpp"):
-        y, ldj, v = F.rg_coupling_step(*leaves, 4, 1, 2, 1, inverse)
+        y, ldj, v = rgf.rg_coupling_step(*leaves, 4, 1, 2, 1, inverse)
     g = torch.Generator().manual_seed(0)
     loss = sum((o * torch.randn(o.shape, generator=g, dtype=o.dtype)).sum() for o in (y, ldj, v))
     return [y, ldj, v, *torch.autograd.grad(loss, leaves)]
@@ -116,9 +116,9 @@ def test_half_precision_on_cpu(seed, ops, dtype, tol):
     # reference on the same (exactly representable) values in float64
     x, s, t = (v.to(dtype) for v in samples(dtype=torch.float32, B=3, C=3, L=16))
     with rf.use_backend("cpp"):
-        y, ldj, v = F.rg_coupling_step(x, s, t, 4, 1, 2, 1, False)
+        y, ldj, v = rgf.rg_coupling_step(x, s, t, 4, 1, 2, 1, False)
     with rf.use_backend("torch"):
-        y64, ldj64, v64 = F.rg_coupling_step(x.double(), s.double(), t.double(), 4, 1, 2, 1, False)
+        y64, ldj64, v64 = rgf.rg_coupling_step(x.double(), s.double(), t.double(), 4, 1, 2, 1, False)
     for got, want in ((y, y64), (v, v64)):
         assert got.dtype == dtype
         torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
@@ -131,9 +131,9 @@ def test_nan_and_saturated_scales_match_reference(seed, ops):
     s[1, 1, 2, 1] = 1e4  # tanh saturates to exactly +-1
     s[2, 0, 1, 2] = -1e4
     with rf.use_backend("cpp"):
-        got = F.rg_coupling(x, s, t, 4, 1, 0, 0)
+        got = rgf.rg_coupling(x, s, t, 4, 1, 0, 0)
     with rf.use_backend("torch"):
-        want = F.rg_coupling(x, s, t, 4, 1, 0, 0)
+        want = rgf.rg_coupling(x, s, t, 4, 1, 0, 0)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5, equal_nan=True)
     assert bool(got[1].isnan()[0]) and not bool(got[1].isnan()[1])
@@ -141,8 +141,8 @@ def test_nan_and_saturated_scales_match_reference(seed, ops):
 
 def test_unsupported_tensors_raise_naming_alternatives(ops):
     with rf.use_backend("cpp"):
-        with pytest.raises(RuntimeError, match=r"cannot run on a torch.float32 tensor on meta: .*CPU tensors"):
-            F.rg_gather(torch.zeros(1, 1, 4, 4, device="meta"), 2, 1, 0)
+        with pytest.raises(RuntimeError, match=r"cannot run on a torch.float32 tensor on meta: .*run on cpu tensors"):
+            rgf.rg_gather(torch.zeros(1, 1, 4, 4, device="meta"), 2, 1, 0)
 
 
 def test_direct_op_calls_check_their_inputs(ops):
@@ -214,7 +214,7 @@ def test_cuda_ops_match_cpp_and_are_deterministic(seed, dtype, inverse):
     def run(backend, device):
         leaves = [v.detach().to(device).requires_grad_() for v in (x, s, t)]
         with rf.use_backend(backend):
-            out = F.rg_coupling_step(*leaves, 4, 1, 2, 0, inverse)
+            out = rgf.rg_coupling_step(*leaves, 4, 1, 2, 0, inverse)
         loss = sum((o * w.to(device)).sum() for o, w in zip(out, grads))
         return [r.detach().cpu() for r in (*out, *torch.autograd.grad(loss, leaves))]
 

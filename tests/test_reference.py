@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import rgflow_fast as rf
-from rgflow_fast import functional as F
+from rgflow_fast import functional as rgf
 
 GEOMETRIES = [  # (L, k, dilation, offset)
     (4, 2, 1, 0), (4, 2, 2, 2), (8, 4, 1, 2), (8, 4, 2, 4), (8, 2, 4, 0), (16, 4, 4, 8), (6, 2, 3, 3),
@@ -35,12 +35,12 @@ def _reference():
 @pytest.mark.parametrize("L,k,d,off", GEOMETRIES)
 def test_gather_matches_formula_and_scatter_inverts_it(seed, L, k, d, off):
     x = torch.randn(2, 3, L, L, dtype=torch.float64)
-    u = F.rg_gather(x, k, d, off)
+    u = rgf.rg_gather(x, k, d, off)
     assert torch.equal(u, loop_gather(x, k, d, off))
-    assert torch.equal(F.rg_scatter(u, x, k, d, off), x)
+    assert torch.equal(rgf.rg_scatter(u, x, k, d, off), x)
     # scatter writes exactly the patch pixels and keeps the rest
-    y = F.rg_scatter(u + 1, x, k, d, off)
-    touched = F.rg_scatter(torch.ones_like(u), torch.zeros_like(x), k, d, off).bool()
+    y = rgf.rg_scatter(u + 1, x, k, d, off)
+    touched = rgf.rg_scatter(torch.ones_like(u), torch.zeros_like(x), k, d, off).bool()
     assert torch.equal(y[touched], x[touched] + 1) and torch.equal(y[~touched], x[~touched])
 
 
@@ -48,16 +48,16 @@ def test_gather_matches_formula_and_scatter_inverts_it(seed, L, k, d, off):
 @pytest.mark.parametrize("L,k,d,off", GEOMETRIES)
 def test_coupling_matches_formula(seed, L, k, d, off, parity):
     x = torch.randn(2, 2, L, L, dtype=torch.float64)
-    u = F.rg_gather(x, k, d, off)
+    u = rgf.rg_gather(x, k, d, off)
     s, t = torch.randn_like(u), torch.randn_like(u)
-    y, ldj = F.rg_coupling(x, s, t, k, d, off, parity)
+    y, ldj = rgf.rg_coupling(x, s, t, k, d, off, parity)
     a = torch.arange(k)
     transformed = ((a[:, None] + a[None, :]) % 2 == (1 - parity)).expand_as(u)
     expected = torch.where(transformed, u * torch.exp(torch.tanh(s)) + t, u)
-    assert torch.allclose(F.rg_gather(y, k, d, off), expected, rtol=1e-14, atol=1e-14)
+    assert torch.allclose(rgf.rg_gather(y, k, d, off), expected, rtol=1e-14, atol=1e-14)
     expected_ldj = (torch.tanh(s) * transformed).reshape(2, -1).sum(1)
     assert torch.allclose(ldj, expected_ldj, rtol=1e-13)
-    x_back, inv_ldj = F.rg_coupling_inverse(y, s, t, k, d, off, parity)
+    x_back, inv_ldj = rgf.rg_coupling_inverse(y, s, t, k, d, off, parity)
     assert torch.allclose(x_back, x, rtol=1e-12, atol=1e-12)
     assert torch.allclose(inv_ldj, -ldj, rtol=1e-13)
 
@@ -66,11 +66,11 @@ def test_coupling_matches_formula(seed, L, k, d, off, parity):
 @pytest.mark.parametrize("C", [1, 2])
 def test_coupling_logdet_is_log_abs_det_jacobian(seed, L, k, d, off, parity, C):
     x = torch.randn(1, C, L, L, dtype=torch.float64)
-    s = torch.randn_like(F.rg_gather(x, k, d, off))
+    s = torch.randn_like(rgf.rg_gather(x, k, d, off))
     t = torch.randn_like(s)
-    jac = torch.autograd.functional.jacobian(lambda v: F.rg_coupling(v, s, t, k, d, off, parity)[0], x)
+    jac = torch.autograd.functional.jacobian(lambda v: rgf.rg_coupling(v, s, t, k, d, off, parity)[0], x)
     jac = jac.reshape(x.numel(), x.numel())
-    ldj = F.rg_coupling(x, s, t, k, d, off, parity)[1]
+    ldj = rgf.rg_coupling(x, s, t, k, d, off, parity)[1]
     assert torch.allclose(ldj, torch.linalg.slogdet(jac)[1], rtol=1e-10)
 
 
@@ -78,11 +78,11 @@ def test_ops_accept_non_contiguous_input(seed):
     base = torch.randn(3, 8, 8, 2, dtype=torch.float64)
     x = base[..., 0].unsqueeze(0).transpose(2, 3)  # (1, 3, 8, 8), not contiguous
     assert not x.is_contiguous()
-    u = F.rg_gather(x, 4, 1, 2)
+    u = rgf.rg_gather(x, 4, 1, 2)
     assert torch.equal(u, loop_gather(x.contiguous(), 4, 1, 2))
     s = torch.randn_like(u).transpose(2, 3)
-    y, _ = F.rg_coupling(x, s, s, 4, 1, 2, 0)
-    y2, _ = F.rg_coupling(x.contiguous(), s.contiguous(), s.contiguous(), 4, 1, 2, 0)
+    y, _ = rgf.rg_coupling(x, s, s, 4, 1, 2, 0)
+    y2, _ = rgf.rg_coupling(x.contiguous(), s.contiguous(), s.contiguous(), 4, 1, 2, 0)
     assert torch.equal(y, y2)
 
 
@@ -90,31 +90,31 @@ def test_ops_gradcheck(seed):
     x = torch.randn(1, 2, 4, 4, dtype=torch.float64, requires_grad=True)
     s = torch.randn(4, 2, 2, 2, dtype=torch.float64, requires_grad=True)
     t = torch.randn(4, 2, 2, 2, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, s, t: F.rg_coupling(x, s, t, 2, 1, 1, 0), (x, s, t))
-    assert torch.autograd.gradcheck(lambda x, s, t: F.rg_coupling_inverse(x, s, t, 2, 1, 1, 1), (x, s, t))
-    assert torch.autograd.gradcheck(lambda p, x: F.rg_scatter(p, x, 2, 1, 1), (s, x))
-    assert torch.autograd.gradcheck(lambda x: F.rg_gather(x, 2, 1, 1), (x,))
+    assert torch.autograd.gradcheck(lambda x, s, t: rgf.rg_coupling(x, s, t, 2, 1, 1, 0), (x, s, t))
+    assert torch.autograd.gradcheck(lambda x, s, t: rgf.rg_coupling_inverse(x, s, t, 2, 1, 1, 1), (x, s, t))
+    assert torch.autograd.gradcheck(lambda p, x: rgf.rg_scatter(p, x, 2, 1, 1), (s, x))
+    assert torch.autograd.gradcheck(lambda x: rgf.rg_gather(x, 2, 1, 1), (x,))
 
 
 def test_op_errors():
     x = torch.randn(1, 2, 8, 8)
-    u = F.rg_gather(x, 4, 1, 0)
+    u = rgf.rg_gather(x, 4, 1, 0)
     with pytest.raises(ValueError, match=r"\(B, C, L, L\)"):
-        F.rg_gather(x[0], 4, 1, 0)
+        rgf.rg_gather(x[0], 4, 1, 0)
     with pytest.raises(ValueError, match="square"):
-        F.rg_gather(x[..., :4], 4, 1, 0)
+        rgf.rg_gather(x[..., :4], 4, 1, 0)
     with pytest.raises(ValueError, match="multiple of kernel_size"):
-        F.rg_gather(x, 4, 4, 0)
+        rgf.rg_gather(x, 4, 4, 0)
     with pytest.raises(ValueError, match="kernel_size must be even"):
-        F.rg_gather(x, 3, 1, 0)
+        rgf.rg_gather(x, 3, 1, 0)
     with pytest.raises(ValueError, match="parity"):
-        F.rg_coupling(x, u, u, 4, 1, 0, 2)
+        rgf.rg_coupling(x, u, u, 4, 1, 0, 2)
     with pytest.raises(ValueError, match=r"\(B\*P, C, k, k\)"):
-        F.rg_coupling(x, u[:1], u, 4, 1, 0, 0)
+        rgf.rg_coupling(x, u[:1], u, 4, 1, 0, 0)
     with pytest.raises(ValueError, match="dtype and device"):
-        F.rg_coupling(x, u.double(), u, 4, 1, 0, 0)
+        rgf.rg_coupling(x, u.double(), u, 4, 1, 0, 0)
     with pytest.raises(TypeError, match="floating-point"):
-        F.rg_gather(x.long(), 4, 1, 0)
+        rgf.rg_gather(x.long(), 4, 1, 0)
 
 
 def test_backend_selection_errors(monkeypatch):
@@ -156,6 +156,6 @@ def test_unusable_backend_errors_name_alternatives(monkeypatch):
             pass
     with rf.use_backend("cuda"):
         with pytest.raises(RuntimeError, match=r"cannot run on a torch.float32 tensor on cpu: needs a CUDA tensor.*\['torch'\]"):
-            F.rg_gather(torch.zeros(1, 1, 4, 4), 2, 1, 0)
+            rgf.rg_gather(torch.zeros(1, 1, 4, 4), 2, 1, 0)
     with rf.use_backend("auto"):  # auto skips what cannot run
-        assert F.rg_gather(torch.zeros(1, 1, 4, 4), 2, 1, 0).shape == (4, 1, 2, 2)
+        assert rgf.rg_gather(torch.zeros(1, 1, 4, 4), 2, 1, 0).shape == (4, 1, 2, 2)

@@ -12,7 +12,7 @@ import torch
 import rgflow_fast as rf
 from conftest import DEVICES, FAST_BACKENDS, skip_unless_device
 from rgflow_fast import backends
-from rgflow_fast import functional as F
+from rgflow_fast import functional as rgf
 
 # (L, k, dilation, offset): kernels 2 and 4, every level of 1 to 4-level images, both offsets.
 GEOMETRIES = [
@@ -87,9 +87,9 @@ def device(request):
 def test_gather_and_scatter_match_reference(seed, backend, device, dtype, L, k, d, off):
     x, s, _ = case(L, k, d, device, dtype)
     with rf.use_backend(backend):
-        assert torch.equal(F.rg_gather(x, k, d, off), F.rg_gather(x.contiguous(), k, d, off))
-    assert_matches(backend, lambda x: F.rg_gather(x, k, d, off), [x], dtype)
-    assert_matches(backend, lambda p, x: F.rg_scatter(p, x, k, d, off), [s, x], dtype)
+        assert torch.equal(rgf.rg_gather(x, k, d, off), rgf.rg_gather(x.contiguous(), k, d, off))
+    assert_matches(backend, lambda x: rgf.rg_gather(x, k, d, off), [x], dtype)
+    assert_matches(backend, lambda p, x: rgf.rg_scatter(p, x, k, d, off), [s, x], dtype)
 
 
 @pytest.mark.parametrize("inverse", [False, True])
@@ -99,10 +99,10 @@ def test_gather_and_scatter_match_reference(seed, backend, device, dtype, L, k, 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
 def test_coupling_ops_match_reference(seed, backend, device, dtype, L, k, d, off, parity, inverse):
     x, s, t = case(L, k, d, device, dtype)
-    couple = F.rg_coupling_inverse if inverse else F.rg_coupling
+    couple = rgf.rg_coupling_inverse if inverse else rgf.rg_coupling
     assert_matches(backend, lambda x, s, t: couple(x, s, t, k, d, off, parity), [x, s, t], dtype)
     assert_matches(
-        backend, lambda x, s, t: F.rg_coupling_step(x, s, t, k, d, off, parity, inverse), [x, s, t], dtype
+        backend, lambda x, s, t: rgf.rg_coupling_step(x, s, t, k, d, off, parity, inverse), [x, s, t], dtype
     )
 
 
@@ -114,9 +114,9 @@ def test_reference_coupling_step_emits_the_transformed_half(seed, parity, invers
     x = torch.randn(2, 2, 8, 8, dtype=torch.float64)
     s, t = torch.randn(2, 8, 2, 4, 4, dtype=torch.float64)
     with rf.use_backend("torch"):
-        y, ldj, v = F.rg_coupling_step(x, s, t, 4, 1, 2, parity, inverse)
-        expected = (F.rg_coupling_inverse if inverse else F.rg_coupling)(x, s, t, 4, 1, 2, parity)
-        u = F.rg_gather(y, 4, 1, 2)
+        y, ldj, v = rgf.rg_coupling_step(x, s, t, 4, 1, 2, parity, inverse)
+        expected = (rgf.rg_coupling_inverse if inverse else rgf.rg_coupling)(x, s, t, 4, 1, 2, parity)
+        u = rgf.rg_gather(y, 4, 1, 2)
     assert torch.equal(y, expected[0]) and torch.equal(ldj, expected[1])
     a = torch.arange(4)
     transformed = ((a[:, None] + a[None, :]) % 2) == 1 - parity
@@ -130,11 +130,11 @@ def test_gradcheck(seed, backend, device):
     s = torch.randn(4, 1, 2, 2, **opts)
     t = torch.randn(4, 1, 2, 2, **opts)
     with rf.use_backend(backend):
-        assert torch.autograd.gradcheck(lambda x, s, t: F.rg_coupling(x, s, t, 2, 1, 1, 0), (x, s, t))
-        assert torch.autograd.gradcheck(lambda x, s, t: F.rg_coupling_inverse(x, s, t, 2, 1, 0, 1), (x, s, t))
-        assert torch.autograd.gradcheck(lambda x, s, t: F.rg_coupling_step(x, s, t, 2, 1, 1, 1, True), (x, s, t))
-        assert torch.autograd.gradcheck(lambda p, x: F.rg_scatter(p, x, 2, 2, 2), (s[:1], x))
-        assert torch.autograd.gradcheck(lambda x: F.rg_gather(x, 2, 1, 1), (x,))
+        assert torch.autograd.gradcheck(lambda x, s, t: rgf.rg_coupling(x, s, t, 2, 1, 1, 0), (x, s, t))
+        assert torch.autograd.gradcheck(lambda x, s, t: rgf.rg_coupling_inverse(x, s, t, 2, 1, 0, 1), (x, s, t))
+        assert torch.autograd.gradcheck(lambda x, s, t: rgf.rg_coupling_step(x, s, t, 2, 1, 1, 1, True), (x, s, t))
+        assert torch.autograd.gradcheck(lambda p, x: rgf.rg_scatter(p, x, 2, 2, 2), (s[:1], x))
+        assert torch.autograd.gradcheck(lambda x: rgf.rg_gather(x, 2, 1, 1), (x,))
 
 
 @pytest.mark.skipif("triton" not in FAST_BACKENDS, reason="the Triton backend does not load here")
@@ -151,14 +151,14 @@ class TestTritonOps:
         ops = torch.ops.rgflow_fast_triton
         x, s, t = self.samples(device)
         g = torch.randn(2, dtype=torch.float64, device=device)
+        zeros = x.new_zeros(()).expand(x.shape)  # how the gather's backward calls scatter
         cases = [
-            (ops.gather, (x, 4, 2, 4)),
-            (ops.scatter, (s, x, 8, 4, 1, 2)),
-            (ops.scatter, (None, x, 8, 4, 1, 2)),
-            (ops.scatter, (s, None, 8, 4, 1, 2)),
-            (ops.coupling, (x, s, t, 4, 1, 2, 0, False, True)),
-            (ops.coupling, (x, s, t, 4, 1, 0, 1, True, False)),
-            (ops.coupling_backward, (x.detach(), s.detach(), t.detach(), torch.randn_like(x), g, None, 4, 1, 2, 1, False)),
+            (ops.rg_gather, (x, 4, 2, 4)),
+            (ops.rg_scatter, (s, x, 4, 1, 2)),
+            (ops.rg_scatter, (s, zeros, 4, 1, 2)),
+            (ops.rg_coupling, (x, s, t, 4, 1, 2, 0, False, True)),
+            (ops.rg_coupling, (x, s, t, 4, 1, 0, 1, True, False)),
+            (ops.rg_coupling_backward, (x.detach(), s.detach(), t.detach(), torch.randn_like(x), g, None, 4, 1, 2, 1, False)),
         ]
         for op, args in cases:
             torch.library.opcheck(op, args)
@@ -166,13 +166,13 @@ class TestTritonOps:
     def test_double_backward_says_what_to_do(self, seed, device):
         x, s, t = self.samples(device)
         with rf.use_backend("triton"):
-            y, ldj = F.rg_coupling(x, s, t, 4, 1, 2, 0)
+            y, ldj = rgf.rg_coupling(x, s, t, 4, 1, 2, 0)
         (gx,) = torch.autograd.grad(ldj.sum() + y.pow(2).sum(), x, create_graph=True)
         with pytest.raises(RuntimeError, match=r"differentiable once.*use_backend\('torch'\)"):
             gx.sum().backward()
 
     @pytest.mark.parametrize("interpreted,dtype,reason", [
-        (True, torch.float16, "interpreter runs float32 and float64 only"),
+        (True, torch.float16, "run float32, float64 on cpu, not torch.float16"),
         (False, torch.float32, "TRITON_INTERPRET=1"),
     ])
     def test_unsupported_tensors_raise_naming_alternatives(self, monkeypatch, interpreted, dtype, reason):
@@ -181,7 +181,7 @@ class TestTritonOps:
         monkeypatch.setattr(triton_ops._kernels, "INTERPRETED", interpreted)
         with rf.use_backend("triton"):
             with pytest.raises(RuntimeError, match=rf"cannot run on a {dtype} tensor on cpu: .*{reason}.*Backends that can: \[.*'torch'"):
-                F.rg_gather(torch.zeros(1, 1, 4, 4, dtype=dtype), 2, 1, 0)
+                rgf.rg_gather(torch.zeros(1, 1, 4, 4, dtype=dtype), 2, 1, 0)
 
 
 @pytest.mark.gpu
@@ -197,9 +197,9 @@ def test_half_precision_on_cuda(seed, backend, dtype, tol):
     if reason is not None:
         pytest.skip(f"backend {backend!r}: {reason}")
     with rf.use_backend(backend):
-        y, ldj, v = F.rg_coupling_step(x, s, t, 4, 1, 2, 1, False)
+        y, ldj, v = rgf.rg_coupling_step(x, s, t, 4, 1, 2, 1, False)
     with rf.use_backend("torch"):
-        y32, ldj32, v32 = F.rg_coupling_step(x.float(), s.float(), t.float(), 4, 1, 2, 1, False)
+        y32, ldj32, v32 = rgf.rg_coupling_step(x.float(), s.float(), t.float(), 4, 1, 2, 1, False)
     for got, want in ((y, y32), (v, v32)):
         assert got.dtype == dtype
         torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
