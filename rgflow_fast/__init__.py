@@ -4,6 +4,8 @@
     model = rf.RGFlow(image_size=32, channels=3)
     z, ldj = model(x)                  # data -> latent, ldj = log|det dz/dx|
     x_back, inv_ldj = model.inverse(z)
+    model = rf.load_model("runs/.../checkpoints/step_00001500.pt")   # a model trained by rgflow-fast train
+    pixels = rf.transforms.to_pixels(model.sample(16))                # images in [0, 1]
     with rf.use_backend("torch"):      # the pure-PyTorch reference
         ...
 """
@@ -35,11 +37,13 @@ _register_source_kernels()
 
 from . import analysis, functional, nn, transforms  # noqa: E402
 from .backends import available_backends, current_backend, use_backend  # noqa: E402
+from .checkpoint import load_model  # noqa: E402
 from .model import RGFlow  # noqa: E402
 from .original import from_original, to_original  # noqa: E402
 
 __all__ = [
     "RGFlow",
+    "load_model",
     "from_original",
     "to_original",
     "use_backend",

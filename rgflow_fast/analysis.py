@@ -16,20 +16,14 @@ step 2 and its own half at step 3), so for a generic model the cone is also the 
 does change; with a single layer per block it is an upper bound.
 
 The subcommands ``receptive-fields``, ``mix``, ``inpaint`` and ``walk`` of ``rgflow-fast``
-write these analyses as PNGs.
+(:mod:`rgflow_fast.commands.analysis`) write these analyses as PNGs.
 """
 from __future__ import annotations
 
-import json
-import math
-from pathlib import Path
-
-import numpy as np
 import torch
 
 from .backends import use_backend
 from .geometry import block_specs, latent_levels, num_levels, patch_indices
-from .transforms import inverse_logit_transform, logit_transform
 
 __all__ = [
     "latent_levels",
@@ -43,7 +37,6 @@ __all__ = [
     "mix",
     "walk",
     "inpaint",
-    "add_commands",
 ]
 
 _DIRECTIONS = ("generation", "inference")
@@ -361,167 +354,3 @@ def inpaint(model, x: torch.Tensor, mask: torch.Tensor, *, n_starts: int = 200, 
     with torch.no_grad():
         image = filled(torch.where(vary, z, z0))
     return image, int(vary.sum()) * C
-
-
-# ---------------------------------------------------------------------------------- the CLI
-
-
-def _vision():
-    try:
-        import torchvision
-    except ImportError as exc:
-        raise SystemExit(
-            "the analysis commands read and write PNGs with torchvision: pip install torchvision"
-        ) from exc
-    return torchvision
-
-
-def _load(args):
-    from .checkpoint import load_model
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_model(args.checkpoint, map_location=device)
-    if args.seed is not None:
-        torch.manual_seed(args.seed)
-    return model
-
-
-def _read_image(path, model) -> torch.Tensor:
-    """A PNG as one logit-space image ``(C, L, L)`` in the model's dtype and device."""
-    _vision()
-    from PIL import Image  # a torchvision dependency
-
-    if model.channels not in (1, 3):
-        raise SystemExit(f"PNG input needs a 1- or 3-channel model; this one has {model.channels} channels")
-    with Image.open(path) as image:
-        pixels = torch.tensor(np.asarray(image.convert("L" if model.channels == 1 else "RGB")))
-    pixels = pixels.reshape(pixels.shape[0], pixels.shape[1], -1).permute(2, 0, 1)
-    L = model.image_size
-    if tuple(pixels.shape[1:]) != (L, L):
-        raise SystemExit(f"{path} is {pixels.shape[2]}x{pixels.shape[1]}; the model needs {L}x{L}: resize it first")
-    return logit_transform((pixels.to(model.prior.scale) / 255)[None])[0][0]
-
-
-def _save(images: torch.Tensor, path, nrow: int) -> Path:
-    """Save logit-space images ``(N, C, L, L)`` as a PNG grid, ``nrow`` per row."""
-    tv = _vision()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pixels = inverse_logit_transform(images.detach().float().cpu()).clamp(0, 1)
-    tv.utils.save_image(pixels, path, nrow=nrow, padding=1)
-    return path
-
-
-def _cmd_receptive_fields(args) -> int:
-    model = _load(args)
-    tv = _vision()
-    L, C, k = model.image_size, model.channels, model.kernel_size
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    levels = latent_levels(L, k)
-    picks, counts = [], []
-    for h in range(model.n_levels):
-        positions = (levels == h).nonzero()[torch.randperm(int((levels == h).sum()))[: args.per_level]]
-        picks += [(int(torch.randint(C, ())), int(i), int(j)) for i, j in positions]
-        counts.append(len(positions))
-    fields = receptive_fields(model, picks, args.samples, temperature=args.temperature, batch_size=args.batch_size)
-    # as in paper Figs. 10-13 each field is scaled to unit size, shown as 0.5 + 0.5·RF/max|RF|
-    scaled = fields / fields.flatten(1).abs().amax(dim=1).clamp_min(1e-30)[:, None, None, None]
-    for h, tiles in enumerate(scaled.split(counts)):
-        path = out / f"receptive_fields_level{h}.png"
-        tv.utils.save_image((0.5 + 0.5 * tiles).float().cpu(), path, nrow=math.ceil(math.sqrt(len(tiles))), padding=1)
-        print(f"level {h}: {len(tiles)} receptive fields -> {path}")
-    if args.strengths:
-        strengths = receptive_field_strengths(model, args.samples, temperature=args.temperature,
-                                              batch_size=args.batch_size)
-        stats = strength_statistics(strengths, k)
-        (out / "strengths.json").write_text(json.dumps(stats, indent=1))
-        for s in stats:
-            print(f"level {s['level']}: {s['count']} latents, {s['above_threshold']} with strength > 1, "
-                  f"median {s['median']:.3g}, max {s['max']:.3g}")
-    return 0
-
-
-def _cmd_mix(args) -> int:
-    model = _load(args)
-    x_a, x_b = (_read_image(p, model)[None] for p in (args.image_a, args.image_b))
-    frames = torch.cat([mix(model, x_a, x_b, lam) for lam in range(model.n_levels + 1)])
-    print(f"lambda = 0..{model.n_levels} (0: all levels from A, {model.n_levels}: all from B) -> "
-          f"{_save(frames, args.out, nrow=len(frames))}")
-    return 0
-
-
-def _cmd_inpaint(args) -> int:
-    model = _load(args)
-    x = _read_image(args.image, model)[None]
-    top, left, height, width = args.box
-    L = model.image_size
-    if height < 1 or width < 1 or top < 0 or left < 0 or top + height > L or left + width > L:
-        raise SystemExit(f"--box {args.box} must lie inside the {L}x{L} image with height, width >= 1")
-    mask = torch.zeros(L, L, dtype=torch.bool)
-    mask[top : top + height, left : left + width] = True
-    image, n_varied = inpaint(model, x, mask, n_starts=args.starts, steps=args.steps, lr=args.lr,
-                              restrict_to_cone=not args.all_latents, batch_size=args.batch_size)
-    shown = torch.where(mask.to(x.device), x.new_full((), 10.0), x)  # region shown white
-    path = _save(torch.cat([x, shown, image]), args.out, nrow=3)
-    print(f"varied {n_varied} of {model.num_dims} latents -> {path} (original, region, inpainted)")
-    return 0
-
-
-def _cmd_walk(args) -> int:
-    model = _load(args)
-    x = _read_image(args.image, model) if args.image else model.sample(1, args.temperature)[0]
-    c, i, j = args.latent
-    values = torch.linspace(args.values[0], args.values[1], args.frames)
-    frames = walk(model, x, i, j, c, values)
-    print(f"latent (channel {c}, {i}, {j}), level {int(latent_levels(model.image_size, model.kernel_size)[i, j])}: "
-          f"{args.frames} frames -> {_save(frames, args.out, nrow=args.frames)}")
-    return 0
-
-
-def add_commands(subparsers) -> None:
-    """Add ``receptive-fields``, ``mix``, ``inpaint`` and ``walk`` to the ``rgflow-fast`` CLI."""
-
-    def common(p):
-        p.add_argument("--checkpoint", required=True, help="a checkpoint written by rgflow-fast train")
-        p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
-        p.add_argument("--seed", type=int, default=None, help="random seed")
-        return p
-
-    p = common(subparsers.add_parser("receptive-fields", help="receptive fields per level (paper Eq. 8, Figs. 10-13)"))
-    p.add_argument("--out", required=True, help="folder for receptive_fields_level{h}.png (and strengths.json)")
-    p.add_argument("--per-level", type=int, default=16, help="latents drawn at random per level")
-    p.add_argument("--samples", type=int, default=64, help="prior samples in the expectation")
-    p.add_argument("--temperature", type=float, default=None, help="prior temperature (default: the model's)")
-    p.add_argument("--batch-size", type=int, default=64, help="Jacobian-vector products per pass")
-    p.add_argument("--strengths", action="store_true",
-                   help="also write strengths.json: strength statistics of all latents (Fig. 3(c))")
-    p.set_defaults(func=_cmd_receptive_fields)
-
-    p = common(subparsers.add_parser("mix", help="hyperbolic mixing of two images (paper Eq. 9, Fig. 5)"))
-    p.add_argument("image_a", help="PNG giving the large scales")
-    p.add_argument("image_b", help="PNG giving the fine scales")
-    p.add_argument("--out", required=True, help="PNG strip: lambda = 0 (all A) ... n_levels (all B)")
-    p.set_defaults(func=_cmd_mix)
-
-    p = common(subparsers.add_parser("inpaint", help="inpaint a box of an image (paper Appendix D)"))
-    p.add_argument("image", help="PNG to inpaint")
-    p.add_argument("--box", type=int, nargs=4, required=True, metavar=("TOP", "LEFT", "HEIGHT", "WIDTH"),
-                   help="the missing region")
-    p.add_argument("--out", required=True, help="PNG strip: original, region, inpainted")
-    p.add_argument("--all-latents", action="store_true", help="vary all latents, not only the inference cone")
-    p.add_argument("--starts", type=int, default=200, help="random starts (the best one is optimised)")
-    p.add_argument("--steps", type=int, default=300, help="Adam steps")
-    p.add_argument("--lr", type=float, default=0.05, help="Adam learning rate")
-    p.add_argument("--batch-size", type=int, default=64, help="starts scored per pass")
-    p.set_defaults(func=_cmd_inpaint)
-
-    p = common(subparsers.add_parser("walk", help="vary one latent (paper Fig. 4)"))
-    p.add_argument("image", nargs="?", default=None, help="PNG to start from (default: a sample)")
-    p.add_argument("--latent", type=int, nargs=3, required=True, metavar=("CHANNEL", "I", "J"))
-    p.add_argument("--values", type=float, nargs=2, default=(0.0, 1.5), metavar=("FROM", "TO"),
-                   help="range of the latent's value (paper: 0 to 1.5, 0 to 6 at level 0)")
-    p.add_argument("--frames", type=int, default=7, help="frames in the strip")
-    p.add_argument("--temperature", type=float, default=None, help="sampling temperature when no image is given")
-    p.add_argument("--out", required=True, help="PNG strip of the frames")
-    p.set_defaults(func=_cmd_walk)

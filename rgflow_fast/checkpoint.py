@@ -2,12 +2,16 @@
 with ``torch.load(weights_only=True)``.
 
 A checkpoint is a dict ``{"format": FORMAT, "config": RGFlow.config, "model": state_dict,
-...}``; trainers add their own keys (optimizer state, step, RNG states), all made of
+...}``; trainers add their own keys (optimizer state, step, run config), all made of
 tensors and plain Python values so that ``weights_only`` loading accepts them.
+
+    model = rgflow_fast.load_model("runs/msds1-small-.../checkpoints/step_00002000.pt")
 """
 from __future__ import annotations
 
 import os
+import pickle
+import re
 import tempfile
 from pathlib import Path
 
@@ -15,18 +19,31 @@ import torch
 
 from .model import RGFlow
 
-__all__ = ["FORMAT", "atomic_write", "save_checkpoint", "load_checkpoint", "load_model"]
+__all__ = ["FORMAT", "CheckpointError", "atomic_write", "save_checkpoint", "load_checkpoint", "load_model"]
 
 FORMAT = "rgflow_fast/1"
 
 
+class CheckpointError(ValueError):
+    """A checkpoint cannot be used (missing, refused, corrupt, or not matching its own
+    config); the message says what to do."""
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path, write) -> Path:
     """Call ``write(f)`` on a binary temp file beside ``path``, fsync it and rename it to
-    ``path``: a reader sees the old file or the new one, never a partial write."""
+    ``path``: a reader sees the old file or the new one, never a partial write. The file
+    gets the mode a plain ``open`` would give it (``0o666`` less the umask)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600 files, unreadable by colleagues
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -45,20 +62,38 @@ def save_checkpoint(path, model: RGFlow, **extra) -> Path:
     return atomic_write(path, lambda f: torch.save(payload, f))
 
 
+def _refusal(path: Path, exc: Exception) -> CheckpointError:
+    """The error for a file ``torch.load(weights_only=True)`` would not read. torch's own
+    message advises ``weights_only=False``, which is wrong for a file of unknown origin."""
+    text = str(exc)
+    blocked = re.search(r"(unsupported GLOBAL [^\s]+|Unsupported global: [^\s]+)", text, re.IGNORECASE)
+    if blocked:
+        return CheckpointError(
+            f"checkpoint {path} was refused: it holds Python objects other than tensors and plain "
+            f"values ({blocked.group(1)}), and loading those could run arbitrary code. rgflow_fast "
+            "never loads such files; use a checkpoint written by rgflow-fast, or retrain"
+        )
+    return CheckpointError(
+        f"checkpoint {path} is corrupt or not a rgflow_fast checkpoint (truncated, or not a file "
+        "torch.save wrote); it was not loaded. Use another checkpoint (a run keeps its last --keep) "
+        "or retrain"
+    )
+
+
 def load_checkpoint(path, map_location="cpu") -> dict:
-    """Read a checkpoint written by :func:`save_checkpoint` (``weights_only=True``)."""
+    """Read a checkpoint written by :func:`save_checkpoint` (``weights_only=True``); raises
+    :class:`CheckpointError` for a missing, refused or foreign file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise CheckpointError(f"checkpoint {path} does not exist; pass the path of a step_*.pt file of a run")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise _refusal(path, exc) from None
     except Exception as exc:  # torch raises several types for truncated or foreign files
-        raise ValueError(
-            f"checkpoint {path} is corrupt or not a rgflow_fast checkpoint ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}); use another checkpoint or retrain"
-        ) from exc
+        raise _refusal(path, exc) from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ValueError(
+        raise CheckpointError(
             f"checkpoint {path} is not a rgflow_fast checkpoint (format "
             f"{payload.get('format') if isinstance(payload, dict) else type(payload).__name__!r}, "
             f"expected {FORMAT!r}); for the original RG-Flow code's files use rgflow_fast.from_original"
@@ -66,15 +101,23 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     return payload
 
 
-def load_model(path, map_location="cpu") -> RGFlow:
-    """Rebuild the :class:`RGFlow` stored in a checkpoint, in the checkpoint's dtype."""
-    payload = load_checkpoint(path, map_location)
-    model = RGFlow(**payload["config"])
-    state = payload["model"]
-    dtype = state["prior.scale"].dtype
-    model = model.to(device=state["prior.scale"].device, dtype=dtype)
+def model_from_payload(payload: dict, path, device="cpu") -> RGFlow:
+    """The :class:`RGFlow` of a loaded checkpoint ``payload``, in its dtype, on ``device``."""
     try:
+        model = RGFlow(**payload["config"])
+        state = payload["model"]
+        model = model.to(dtype=state["prior.scale"].dtype)
         model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise ValueError(f"checkpoint {path} does not match its own config: {exc}") from exc
-    return model
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"checkpoint {path} does not match its own config: {exc}") from exc
+    return model.to(device)
+
+
+def load_model(path, device="cpu") -> RGFlow:
+    """Rebuild the :class:`RGFlow` stored in a checkpoint (a ``step_*.pt`` file of a run),
+    in the checkpoint's dtype, on ``device``; in eval mode.
+
+    The file is read on the CPU whatever device wrote it, then moved to ``device``.
+    """
+    path = Path(path)
+    return model_from_payload(load_checkpoint(path, map_location="cpu"), path, device).eval()

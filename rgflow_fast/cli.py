@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import platform
 import sys
+
+from .commands import add_commands
 
 
 def _info(args) -> int:
@@ -28,13 +29,29 @@ def _info(args) -> int:
         lines.append(f"device      cuda ({names})")
     else:
         lines.append(f"device      cpu ({torch.get_num_threads()} threads), no CUDA device")
-    lines.append(f"backends    {', '.join(rf.available_backends())} (requested: {rf.current_backend()})")
+    lines.append(f"backends    {_backends(torch)} (requested: {rf.current_backend()})")
     print("\n".join(lines))
     return 0
 
 
-# Modules that add subcommands: each has ``add_commands(subparsers)``.
-COMMAND_MODULES = ("rgflow_fast.train", "rgflow_fast.analysis")
+def _backends(torch) -> str:
+    """The backends that load, each marked with what it can run on here."""
+    import rgflow_fast as rf
+
+    from .training.distributed import check_backend
+    from .training.errors import RunError
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    parts = []
+    for name in rf.available_backends():
+        try:
+            check_backend(name, device)
+        except RunError:
+            parts.append(f"{name} (loads, but cannot run on this machine's {device.type} device)")
+            continue
+        interpreted = name == "triton" and device.type == "cpu"
+        parts.append(f"{name} (interpreter only: slow, for tests)" if interpreted else name)
+    return ", ".join(parts)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,8 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     info = sub.add_parser("info", help="versions, available backends and device")
     info.set_defaults(func=_info)
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).add_commands(sub)
+    add_commands(sub)
     return parser
 
 

@@ -35,6 +35,7 @@ from .checkpoint import atomic_write
 
 __all__ = [
     "DATASETS",
+    "GENERATED",
     "DatasetInfo",
     "DataError",
     "UInt8Images",
@@ -75,6 +76,9 @@ DATASETS = {
     ),
     "folder": DatasetInfo("folder", 3, None, False, "any image folder, centre-cropped square and resized"),
 }
+
+# Datasets made here from a seed: they read no files, so a data_dir means nothing to them.
+GENERATED = ("msds1", "msds2")
 
 
 def dataset_info(name: str, image_size: int | None = None) -> DatasetInfo:
@@ -148,7 +152,7 @@ def msds(kind: str, split: str = "train", size: int | None = None, seed: int = 0
     ``kind`` is ``"msds1"`` or ``"msds2"``, ``split`` ``"train"`` (90 000) or ``"test"``
     (10 000); ``size`` defaults to the split's size. Deterministic in ``(seed, split)``.
     """
-    if kind not in ("msds1", "msds2"):
+    if kind not in GENERATED:
         raise DataError(f"unknown MSDS kind {kind!r}; choose 'msds1' or 'msds2'")
     if split not in _SPLIT_IDS:
         raise DataError(f"unknown split {split!r}; choose 'train' or 'test'")
@@ -221,20 +225,15 @@ class _ImagesOnly(torch.utils.data.Dataset):
         return self.dataset[i][0]
 
 
-class _SquareResize:
-    """Centre-crop to a square (or to ``crop`` px) then bicubic resize to ``size``."""
+def _square(size: int, crop: int | None = None):
+    """PIL image → ``size``×``size``: centre-crop ``crop`` px then bicubic resize (CelebA's
+    148 px face crop), or, without ``crop``, resize the short side then centre-crop."""
+    from torchvision import transforms as T
 
-    def __init__(self, size: int, crop: int | None = None):
-        self.size, self.crop = size, crop
-
-    def __call__(self, img):
-        from PIL import Image
-
-        w, h = img.size
-        side = self.crop or min(w, h)
-        left, top = (w - side) // 2, (h - side) // 2
-        img = img.crop((left, top, left + side, top + side))
-        return img.resize((self.size, self.size), Image.BICUBIC)
+    bicubic = T.InterpolationMode.BICUBIC
+    if crop:
+        return T.Compose([T.CenterCrop(crop), T.Resize(size, interpolation=bicubic)])
+    return T.Compose([T.Resize(size, interpolation=bicubic), T.CenterCrop(size)])
 
 
 def require_torchvision():
@@ -296,7 +295,7 @@ def _file_dataset(name: str, split: str, root: Path, image_size: int):
                 split="train" if train else "test",
                 target_type=[],
                 download=False,
-                transform=T.Compose([_SquareResize(32, crop=148), T.PILToTensor()]),
+                transform=T.Compose([_square(32, crop=148), T.PILToTensor()]),
             )
         except RuntimeError as exc:  # torchvision checks the text files' MD5 sums
             raise _missing(name, root, f"the original CelebA files ({exc})") from exc
@@ -305,9 +304,9 @@ def _file_dataset(name: str, split: str, root: Path, image_size: int):
         folder = root / split if (root / "train").is_dir() else root
         if not folder.is_dir():
             raise _missing(name, root, f"a {split}/ sub-folder beside train/")
-        transform = T.Compose([_SquareResize(image_size), T.PILToTensor()])
+        transform = T.Compose([_square(image_size), T.PILToTensor()])
         try:
-            data = tv.datasets.ImageFolder(str(folder), transform=transform, loader=_rgb_loader)
+            data = tv.datasets.ImageFolder(str(folder), transform=transform)  # its loader gives RGB
         except (FileNotFoundError, RuntimeError) as exc:
             raise _missing(
                 name, root, "images in class sub-folders, DIR/<class>/*.png (or DIR/train/<class>/ and DIR/test/<class>/)"
@@ -317,13 +316,6 @@ def _file_dataset(name: str, split: str, root: Path, image_size: int):
             keep = [i for i in range(len(data)) if (i % 20 == 19) == (split == "test")]
             return torch.utils.data.Subset(_ImagesOnly(data), keep)
     return _ImagesOnly(data)
-
-
-def _rgb_loader(path):
-    from PIL import Image
-
-    with open(path, "rb") as f:
-        return Image.open(f).convert("RGB")
 
 
 def load_dataset(name: str, split: str = "train", data_dir=None, size: int | None = None, seed: int = 0, image_size=None):
@@ -339,7 +331,7 @@ def load_dataset(name: str, split: str = "train", data_dir=None, size: int | Non
         raise DataError(f"unknown split {split!r}; choose 'train' or 'test'")
     if size is not None and (not isinstance(size, int) or size < 1):
         raise DataError(f"size must be a positive int; got {size!r}")
-    if name in ("msds1", "msds2"):
+    if name in GENERATED:
         if size is not None and size > MSDS_SIZES[split]:
             raise DataError(f"{name} has {MSDS_SIZES[split]} {split} images; got size={size}")
         return UInt8Images(_cached_msds(name, split, size, seed))

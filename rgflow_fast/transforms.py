@@ -12,7 +12,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ALPHA", "dequantize", "logit_transform", "inverse_logit_transform", "bits_per_dim", "preprocess"]
+__all__ = [
+    "ALPHA", "dequantize", "logit_transform", "inverse_logit_transform", "to_pixels", "bits_per_dim", "preprocess",
+]
 
 ALPHA = 0.05  # x ← ALPHA + (1 - 2·ALPHA)·x keeps the logit finite
 _SOFTPLUS_MINUS_LOG9 = math.log1p(1 / 9)  # = softplus(-log 9) = -log(1 - 2·ALPHA)
@@ -28,12 +30,24 @@ def logit_transform(x: torch.Tensor):
     """``x (B, C, L, L)`` in ``[0, 1]`` → ``(y, ldj (B,))`` with ``y = logit(0.05 + 0.9·x)``."""
     y = torch.logit(ALPHA + (1 - 2 * ALPHA) * x)
     ldj = F.softplus(y) + F.softplus(-y) - _SOFTPLUS_MINUS_LOG9
-    return y, ldj.reshape(x.shape[0], -1).sum(dim=1)
+    return y, ldj.flatten(1).sum(dim=1)  # flatten, not reshape(B, -1): B may be 0
 
 
 def inverse_logit_transform(y: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`logit_transform`: ``x = (sigmoid(y) - 0.05)/0.9`` (not clamped)."""
     return (torch.sigmoid(y) - ALPHA) / (1 - 2 * ALPHA)
+
+
+def to_pixels(y: torch.Tensor) -> torch.Tensor:
+    """Logit-space images (what :meth:`RGFlow.sample` and :meth:`RGFlow.inverse` return) →
+    pixels in ``[0, 1]``: :func:`inverse_logit_transform`, clamped.
+
+    A sample may fall outside the logit range of the data (``x`` beyond ``[0, 1]`` before
+    the clamp); the clamp maps it to the nearest valid pixel, as an image writer would::
+
+        pixels = rf.transforms.to_pixels(model.sample(16))   # (16, C, L, L) in [0, 1]
+    """
+    return inverse_logit_transform(y).clamp(0, 1)
 
 
 def preprocess(x: torch.Tensor, generator=None):

@@ -14,8 +14,8 @@ if not torch.cuda.is_available():
 
 import rgflow_fast as rf  # noqa: E402
 
-FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "original_rgflow_L16_c3_laplace.pt"
-FIXTURE = Path(os.environ.get("RGFLOW_FAST_FIXTURE", FIXTURE))
+# A model in the original RG-Flow code's checkpoint format and its outputs (fixtures/README.md).
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "original_rgflow_L16_c3_laplace.pt"
 
 # Every backend other than the reference that loads here; op and model tests run on each.
 FAST_BACKENDS = [b for b in rf.available_backends() if b != "torch"]
@@ -39,9 +39,7 @@ def seed(request):
 
 @pytest.fixture(scope="session")
 def fixture_data():
-    """The original-format model and its outputs (see shared/fixtures/README.md)."""
-    if not FIXTURE.is_file():
-        pytest.skip(f"fixture {FIXTURE} is absent (set RGFLOW_FAST_FIXTURE to its path)")
+    """The original-format model and its outputs (see tests/fixtures/README.md)."""
     return torch.load(FIXTURE, weights_only=False)
 
 

@@ -1,6 +1,6 @@
 """The paper's analysis tools: causal cones against perturbations of randomised models,
 receptive fields against finite differences, hyperbolic mixing, latent walks, inpainting on
-a trained toy model, and the CLI subcommands."""
+a trained toy model (the CLI subcommands: tests/test_commands.py)."""
 import math
 
 import pytest
@@ -23,8 +23,6 @@ from rgflow_fast.analysis import (
     strength_statistics,
     walk,
 )
-from rgflow_fast.checkpoint import save_checkpoint
-from rgflow_fast.cli import main
 from rgflow_fast.transforms import inverse_logit_transform, logit_transform
 
 
@@ -322,72 +320,3 @@ def test_inpainting_restores_a_trained_toy_model_s_images(seed):
     # Typical errors: ~0.1 for the noise fill, ~1e-4 inpainted; an occasional image ends in a
     # poor local optimum, so compare medians with a wide margin.
     assert error(image).median() < 0.1 * noise_error.median(), (error(image), noise_error)
-
-
-@pytest.fixture
-def checkpoint(tmp_path):
-    model = small_model(8, 3, 4, dtype=torch.float32)
-    return save_checkpoint(tmp_path / "model.pt", model), model
-
-
-def png(path, L=8, channels=3):
-    import torchvision
-
-    torchvision.utils.save_image(torch.rand(channels, L, L), path)
-    return str(path)
-
-
-def png_shape(path):
-    from PIL import Image
-
-    with Image.open(path) as image:
-        return (len(image.getbands()), image.height, image.width)
-
-
-def grid_side(n, L=8):
-    return n * (L + 1) + 1  # save_image with padding=1
-
-
-def test_cli_mix(seed, tmp_path, checkpoint, capsys):
-    path, model = checkpoint
-    a, b = png(tmp_path / "a.png"), png(tmp_path / "b.png")
-    out = tmp_path / "mix.png"
-    assert main(["mix", "--checkpoint", str(path), a, b, "--out", str(out), "--device", "cpu"]) == 0
-    assert png_shape(out) == (3, grid_side(1), grid_side(model.n_levels + 1))
-    assert "lambda" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="resize"):
-        main(["mix", "--checkpoint", str(path), png(tmp_path / "big.png", L=16), b, "--out", str(out)])
-
-
-def test_cli_receptive_fields(seed, tmp_path, checkpoint):
-    path, model = checkpoint
-    out = tmp_path / "rf"
-    args = ["receptive-fields", "--checkpoint", str(path), "--out", str(out), "--per-level", "4",
-            "--samples", "2", "--strengths", "--seed", "3"]
-    assert main(args) == 0
-    levels = latent_levels(8, 4)
-    for h in range(model.n_levels):
-        n = min(4, int((levels == h).sum()))
-        side = math.ceil(math.sqrt(n))
-        assert png_shape(out / f"receptive_fields_level{h}.png") == (3, grid_side(math.ceil(n / side)), grid_side(side))
-    import json
-
-    stats = json.loads((out / "strengths.json").read_text())
-    assert sum(s["count"] for s in stats) == 3 * 8 * 8
-
-
-def test_cli_inpaint_and_walk(seed, tmp_path, checkpoint, capsys):
-    path, model = checkpoint
-    image = png(tmp_path / "x.png")
-    out = tmp_path / "inpainted.png"
-    args = ["inpaint", "--checkpoint", str(path), image, "--box", "2", "3", "2", "2", "--out", str(out),
-            "--starts", "2", "--steps", "2"]
-    assert main(args) == 0
-    assert png_shape(out) == (3, grid_side(1), grid_side(3))
-    assert "varied" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="inside"):
-        main(args[:4] + ["--box", "7", "7", "2", "2"] + args[9:])
-    out = tmp_path / "walk.png"
-    assert main(["walk", "--checkpoint", str(path), "--latent", "1", "4", "4", "--frames", "5", "--out", str(out)]) == 0
-    assert png_shape(out) == (3, grid_side(1), grid_side(5))
-    assert main(["walk", "--checkpoint", str(path), image, "--latent", "0", "0", "0", "--out", str(out)]) == 0

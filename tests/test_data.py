@@ -148,3 +148,13 @@ def test_bad_sizes():
         data.load_dataset("msds1", "test", size=10_001)
     with pytest.raises(data.DataError, match="32×32 images"):
         data.load_dataset("cifar10", image_size=64)
+
+
+def test_celeba_crop_is_centre_148_then_bicubic_32():
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    face = Image.fromarray(rng.integers(0, 256, size=(218, 178, 3), dtype=np.uint8))  # CelebA's size
+    left, top = (178 - 148) // 2, (218 - 148) // 2
+    expected = face.crop((left, top, left + 148, top + 148)).resize((32, 32), Image.BICUBIC)
+    np.testing.assert_array_equal(np.asarray(data._square(32, crop=148)(face)), np.asarray(expected))

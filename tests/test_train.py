@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-import rgflow_fast.train as train_module
+import rgflow_fast.training.loop as train_module
 from rgflow_fast.checkpoint import load_checkpoint, load_model
 from rgflow_fast.cli import main
 
@@ -76,7 +76,9 @@ def test_end_to_end(tmp_path, seed, capsys):
 
 
 def test_resume_is_exact(tmp_path, seed):
-    args = ["--lr", "0.02", "--log-every", "1", "--ckpt-every", "2", "--train-size", "16"]  # 2 steps an epoch
+    # a constant lr: extending a run keeps its trajectory (a cosine schedule spans the run's --steps)
+    args = ["--lr", "0.02", "--log-every", "1", "--ckpt-every", "2", "--train-size", "16",  # 2 steps an epoch
+            "--lr-schedule", "constant"]
     straight = _tiny_run(tmp_path, seed, "--steps", "4", *args, name="straight")
     split = _tiny_run(tmp_path, seed, "--steps", "2", *args, name="split")
     assert main(["train", "--out", str(split), "--resume", "--steps", "4", "--quiet", "--backend", "torch"]) == 0
@@ -93,6 +95,21 @@ def test_resume_is_exact(tmp_path, seed):
     fresh = load_checkpoint(split / "checkpoints" / "step_00000002.pt")
     assert any(not torch.equal(fresh["model"][k], b["model"][k]) for k in b["model"])
     assert [(r["step"], r["bpd"]) for r in _metrics(straight)] == [(r["step"], r["bpd"]) for r in _metrics(split)]
+
+
+def test_resume_after_a_kill_is_exact_with_cosine_schedule(tmp_path, seed):
+    args = ["--steps", "4", "--lr", "0.02", "--log-every", "1", "--ckpt-every", "2", "--lr-schedule", "cosine"]
+    straight = _tiny_run(tmp_path, seed, *args, name="straight")
+    killed = _tiny_run(tmp_path, seed, *args, name="killed")
+    (killed / "checkpoints" / "step_00000004.pt").unlink()  # as if killed between steps 2 and 4
+    assert main(["train", "--out", str(killed), "--resume", "--quiet", "--backend", "torch"]) == 0
+    a = load_checkpoint(straight / "checkpoints" / "step_00000004.pt")
+    b = load_checkpoint(killed / "checkpoints" / "step_00000004.pt")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    lrs = [r["lr"] for r in _metrics(killed)]
+    assert lrs[0] == 0.02 and lrs == sorted(lrs, reverse=True) and lrs[-1] < 0.002
+    times = [r["time"] for r in _metrics(killed)]
+    assert times == sorted(times)  # cumulative over the resumed session
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, seed, monkeypatch, capsys):
@@ -188,7 +205,7 @@ def test_checkpoint_not_matching_its_config(finished_run, tmp_path, capsys):
     assert main(["sample", "--checkpoint", str(bad), "--out", str(tmp_path / "s.png")]) == 2
     assert main(["train", "--resume", str(bad), "--out", str(tmp_path / "other"), "--steps", "4"]) == 2
     err = capsys.readouterr().err
-    assert "does not match its own config" in err and "does not fit its own config" in err
+    assert err.count("does not match its own config") == 2
     assert not (tmp_path / "s.png").exists()
 
 
@@ -196,7 +213,7 @@ def test_resume_into_a_different_config(finished_run, capsys):
     before = _snapshot(finished_run)
     assert main(["train", "--out", str(finished_run), "--resume", "--steps", "4", "--hidden", "16", "--lr", "0.1"]) == 2
     err = capsys.readouterr().err
-    assert "cannot resume" in err and "hidden" in err and "lr: checkpoint 0.001, now 0.1" in err
+    assert "cannot resume" in err and "hidden: checkpoint (8,), now (16,)" in err and "now 0.1)" in err
     assert _snapshot(finished_run) == before
 
 

@@ -9,6 +9,7 @@ from rgflow_fast.transforms import (
     inverse_logit_transform,
     logit_transform,
     preprocess,
+    to_pixels,
 )
 
 
@@ -53,3 +54,16 @@ def test_bits_per_dim_by_hand():
     D = 3 * 4 * 4
     lp = torch.tensor([-D * math.log(2) - 5.0], dtype=torch.float64)
     assert bits_per_dim(lp, torch.tensor([5.0], dtype=torch.float64), D).item() == pytest.approx(9.0, rel=1e-12)
+
+
+def test_to_pixels_is_clamped_inverse():
+    x = torch.rand(2, 3, 4, 4, dtype=torch.float64)
+    torch.testing.assert_close(to_pixels(logit_transform(x)[0]), x, rtol=1e-12, atol=1e-12)
+    far = torch.tensor([-30.0, -3.0, 0.0, 3.0, 30.0])  # beyond the data's logit range on both sides
+    pixels = to_pixels(far)
+    assert pixels.min() == 0 and pixels.max() == 1 and pixels[2] == 0.5
+
+
+def test_empty_batch():
+    y, ldj = logit_transform(torch.rand(0, 3, 4, 4))
+    assert y.shape == (0, 3, 4, 4) and ldj.shape == (0,)
