@@ -287,23 +287,18 @@ at::Tensor rg_scatter_cpu(const at::Tensor& patches_, const at::Tensor& x_, int6
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rg_coupling_cpu(
-    const at::Tensor& x_, const at::Tensor& s_, const at::Tensor& t_, int64_t k, int64_t d,
+    const at::Tensor& x, const at::Tensor& s, const at::Tensor& t, int64_t k, int64_t d,
     int64_t off, int64_t parity, bool inverse, bool emit) {
-  const Geometry g = make_geometry(x_, k, d, off);
-  check_patches(s_, x_, g, "s");
-  check_patches(t_, x_, g, "t");
-  check_parity(parity);
-  const at::Tensor x = x_.contiguous(), s = s_.contiguous(), t = t_.contiguous();
-  at::Tensor out = at::empty_like(x);
-  at::Tensor v = emit ? at::empty_like(s) : at::empty({0}, x.options());
+  const CouplingStep step = prepare_coupling(x, s, t, k, d, off, parity, emit);
+  const Geometry& g = step.g;
   at::Tensor ldj = at::empty({g.B}, x.options());
   RG_DISPATCH(x.scalar_type(), "rg_coupling_cpu", [&] {
     using acc_t = at::acc_type<scalar_t, false>;
     std::vector<acc_t> row_ldj(g.B * g.C * g.L);
     auto kernel = inverse ? coupling_kernel<scalar_t, true> : coupling_kernel<scalar_t, false>;
-    kernel(g, parity, x.const_data_ptr<scalar_t>(), s.const_data_ptr<scalar_t>(),
-           t.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
-           emit ? v.mutable_data_ptr<scalar_t>() : nullptr, row_ldj.data());
+    kernel(g, parity, step.x.const_data_ptr<scalar_t>(), step.s.const_data_ptr<scalar_t>(),
+           step.t.const_data_ptr<scalar_t>(), step.out.mutable_data_ptr<scalar_t>(),
+           emit ? step.v.mutable_data_ptr<scalar_t>() : nullptr, row_ldj.data());
     scalar_t* ldj_ptr = ldj.mutable_data_ptr<scalar_t>();
     const int64_t rows_per_sample = g.C * g.L;
     for (int64_t b = 0; b < g.B; ++b) {
@@ -312,45 +307,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rg_coupling_cpu(
       ldj_ptr[b] = static_cast<scalar_t>(sum);
     }
   });
-  return {out, ldj, v};
+  return {step.out, ldj, step.v};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rg_coupling_backward_cpu(
-    const at::Tensor& x_, const at::Tensor& s_, const at::Tensor& t_, const at::Tensor& g_y_,
-    const at::Tensor& g_ldj_, const std::optional<at::Tensor>& g_v_, int64_t k, int64_t d,
+    const at::Tensor& x, const at::Tensor& s, const at::Tensor& t, const at::Tensor& g_y,
+    const at::Tensor& g_ldj, const std::optional<at::Tensor>& g_v, int64_t k, int64_t d,
     int64_t off, int64_t parity, bool inverse) {
-  const Geometry g = make_geometry(x_, k, d, off);
-  check_patches(s_, x_, g, "s");
-  check_patches(t_, x_, g, "t");
-  check_parity(parity);
-  TORCH_CHECK(g_y_.sizes() == x_.sizes() && g_y_.scalar_type() == x_.scalar_type(),
-              "rgflow_fast: grad_y must match x; got ", g_y_.sizes(), " ", g_y_.scalar_type());
-  TORCH_CHECK(g_ldj_.dim() == 1 && g_ldj_.size(0) == g.B && g_ldj_.scalar_type() == x_.scalar_type(),
-              "rgflow_fast: grad_ldj must have shape (B,) = (", g.B, ") and the dtype of x; got ",
-              g_ldj_.sizes(), " ", g_ldj_.scalar_type());
-  if (g_v_.has_value()) check_patches(*g_v_, x_, g, "grad_v");
-  const at::Tensor x = x_.contiguous(), s = s_.contiguous(), t = t_.contiguous();
-  const at::Tensor g_y = g_y_.contiguous(), g_ldj = g_ldj_.contiguous();
-  const at::Tensor g_v = g_v_.has_value() ? g_v_->contiguous() : at::Tensor();
-  at::Tensor g_x = at::empty_like(x), g_s = at::empty_like(s), g_t = at::empty_like(t);
+  const CouplingBackward back = prepare_coupling_backward(x, s, t, g_y, g_ldj, g_v, k, d, off, parity);
   RG_DISPATCH(x.scalar_type(), "rg_coupling_backward_cpu", [&] {
     auto kernel = inverse ? coupling_backward_kernel<scalar_t, true>
                           : coupling_backward_kernel<scalar_t, false>;
-    kernel(g, parity, x.const_data_ptr<scalar_t>(), s.const_data_ptr<scalar_t>(),
-           t.const_data_ptr<scalar_t>(), g_y.const_data_ptr<scalar_t>(),
-           g_ldj.const_data_ptr<scalar_t>(),
-           g_v.defined() ? g_v.const_data_ptr<scalar_t>() : nullptr,
-           g_x.mutable_data_ptr<scalar_t>(), g_s.mutable_data_ptr<scalar_t>(),
-           g_t.mutable_data_ptr<scalar_t>());
+    kernel(back.g, parity, back.x.const_data_ptr<scalar_t>(), back.s.const_data_ptr<scalar_t>(),
+           back.t.const_data_ptr<scalar_t>(), back.grad_y.const_data_ptr<scalar_t>(),
+           back.grad_ldj.const_data_ptr<scalar_t>(),
+           back.grad_v.defined() ? back.grad_v.const_data_ptr<scalar_t>() : nullptr,
+           back.grad_x.mutable_data_ptr<scalar_t>(), back.grad_s.mutable_data_ptr<scalar_t>(),
+           back.grad_t.mutable_data_ptr<scalar_t>());
   });
-  return {g_x, g_s, g_t};
+  return {back.grad_x, back.grad_s, back.grad_t};
 }
 
 }  // namespace
 }  // namespace rgflow_fast
 
-// The schema, shared by the CPU and CUDA implementations. Autograd formulas and fake
-// (meta) kernels are registered from Python (rgflow_fast/_extension.py).
+// The schema, shared by the CPU and CUDA implementations (the same as OP_SCHEMAS in
+// rgflow_fast/backends.py, which registers their autograd formulas and fake kernels).
 TORCH_LIBRARY(rgflow_fast, m) {
   m.def("rg_gather(Tensor x, int kernel_size, int dilation, int offset) -> Tensor");
   m.def(

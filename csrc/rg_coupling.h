@@ -1,5 +1,6 @@
 // Shared by the CPU (rg_coupling.cpp) and CUDA (rg_coupling_cuda.cu) kernels of the
-// rg_coupling family: block geometry, the coupling formulas, and host-side input checks.
+// rg_coupling family: block geometry, the coupling formulas, and the host-side input checks
+// and output allocation of every op (written once here, so both devices check the same).
 //
 // Geometry (see rgflow_fast/geometry.py): an image (B, C, L, L), a block with kernel k
 // (even), dilation d and offset off has m = L/(k*d) patches per side, P = m*m per image.
@@ -41,10 +42,23 @@ struct Geometry {
   }
   RG_HOST_DEVICE int64_t col_offset(int64_t qj) const { return (qj / k) * C * k * k + qj % k; }
 
+  // Offset in the patch tensor of pixel (i, j) of image plane (b, c), or -1 when no patch
+  // holds it.
+  RG_HOST_DEVICE int64_t patch_offset(int64_t b, int64_t c, int64_t i, int64_t j) const {
+    const int64_t qi = lattice(i), qj = lattice(j);
+    return qi < 0 || qj < 0 ? -1 : row_offset(b, c, qi) + col_offset(qj);
+  }
+
   // Whether a step with this parity transforms lattice pixel (qi, qj): a + b + parity odd
   // (k is even, so a = qi mod k has the parity of qi).
   RG_HOST_DEVICE static bool transformed(int64_t qi, int64_t qj, int64_t parity) {
     return ((qi + qj + parity) & 1) != 0;
+  }
+
+  // Whether a step with this parity transforms pixel (i, j) (never a pixel off the lattice).
+  RG_HOST_DEVICE bool transforms(int64_t i, int64_t j, int64_t parity) const {
+    const int64_t qi = lattice(i), qj = lattice(j);
+    return qi >= 0 && qj >= 0 && transformed(qi, qj, parity);
   }
 };
 
@@ -67,8 +81,10 @@ RG_HOST_DEVICE void coupling_grads(T g, T gl, T u, T t, T th, T e, T& gu, T& gs,
 
 }  // namespace rgflow_fast
 
-#include <ATen/core/Tensor.h>
+#include <ATen/ATen.h>
 #include <c10/util/Exception.h>
+
+#include <optional>
 
 namespace rgflow_fast {
 
@@ -87,20 +103,71 @@ inline Geometry make_geometry(const at::Tensor& x, int64_t k, int64_t d, int64_t
   return Geometry{x.size(0), x.size(1), L, k, d, off, m, m * m};
 }
 
-// Checks that a patch tensor has shape (B*P, C, k, k) and the image's dtype and device.
+// Checks that t has shape `sizes` (`shape` names them, e.g. "(B*P, C, k, k)") and the image's
+// dtype and device.
+inline void check_like(const at::Tensor& t, at::IntArrayRef sizes, const char* shape,
+                       const at::Tensor& x, const char* name) {
+  TORCH_CHECK(t.sizes() == sizes && t.scalar_type() == x.scalar_type() && t.device() == x.device(),
+              "rgflow_fast: ", name, " must have shape ", shape, " = ", sizes,
+              " and the image's dtype and device (", x.scalar_type(), ", ", x.device(), "); got ",
+              t.sizes(), " (", t.scalar_type(), ", ", t.device(), ")");
+}
+
+// Checks a patch tensor (B*P, C, k, k) of the image.
 inline void check_patches(const at::Tensor& p, const at::Tensor& x, const Geometry& g,
                           const char* name) {
-  TORCH_CHECK(p.dim() == 4 && p.size(0) == g.B * g.P && p.size(1) == g.C && p.size(2) == g.k &&
-                  p.size(3) == g.k,
-              "rgflow_fast: ", name, " must have shape (B*P, C, k, k) = (", g.B * g.P, ", ", g.C,
-              ", ", g.k, ", ", g.k, "); got ", p.sizes());
-  TORCH_CHECK(p.scalar_type() == x.scalar_type() && p.device() == x.device(), "rgflow_fast: ",
-              name, " (", p.scalar_type(), ", ", p.device(), ") must match the image (",
-              x.scalar_type(), ", ", x.device(), ")");
+  check_like(p, {g.B * g.P, g.C, g.k, g.k}, "(B*P, C, k, k)", x, name);
 }
 
 inline void check_parity(int64_t parity) {
   TORCH_CHECK(parity == 0 || parity == 1, "rgflow_fast: parity must be 0 or 1; got ", parity);
+}
+
+// One coupling step (rg_coupling): checked, contiguous inputs and allocated outputs.
+struct CouplingStep {
+  Geometry g;
+  at::Tensor x, s, t;  // contiguous
+  at::Tensor out, v;   // out (B, C, L, L); v (B*P, C, k, k) if emit, else empty
+};
+
+inline CouplingStep prepare_coupling(const at::Tensor& x, const at::Tensor& s, const at::Tensor& t,
+                                     int64_t k, int64_t d, int64_t off, int64_t parity, bool emit) {
+  const Geometry g = make_geometry(x, k, d, off);
+  check_patches(s, x, g, "s");
+  check_patches(t, x, g, "t");
+  check_parity(parity);
+  CouplingStep step{g, x.contiguous(), s.contiguous(), t.contiguous(), {}, {}};
+  step.out = at::empty_like(step.x);
+  step.v = emit ? at::empty_like(step.s) : at::empty({0}, x.options());
+  return step;
+}
+
+// The backward of one step (rg_coupling_backward): checked, contiguous inputs (grad_v
+// undefined when absent) and allocated gradients.
+struct CouplingBackward {
+  Geometry g;
+  at::Tensor x, s, t, grad_y, grad_ldj, grad_v;  // contiguous
+  at::Tensor grad_x, grad_s, grad_t;
+};
+
+inline CouplingBackward prepare_coupling_backward(
+    const at::Tensor& x, const at::Tensor& s, const at::Tensor& t, const at::Tensor& grad_y,
+    const at::Tensor& grad_ldj, const std::optional<at::Tensor>& grad_v, int64_t k, int64_t d,
+    int64_t off, int64_t parity) {
+  const Geometry g = make_geometry(x, k, d, off);
+  check_patches(s, x, g, "s");
+  check_patches(t, x, g, "t");
+  check_parity(parity);
+  check_like(grad_y, x.sizes(), "(B, C, L, L)", x, "grad_y");
+  check_like(grad_ldj, {g.B}, "(B,)", x, "grad_ldj");
+  if (grad_v.has_value()) check_patches(*grad_v, x, g, "grad_v");
+  CouplingBackward back{g, x.contiguous(), s.contiguous(), t.contiguous(), grad_y.contiguous(),
+                        grad_ldj.contiguous(),
+                        grad_v.has_value() ? grad_v->contiguous() : at::Tensor(), {}, {}, {}};
+  back.grad_x = at::empty_like(back.x);
+  back.grad_s = at::empty_like(back.s);
+  back.grad_t = at::empty_like(back.t);
+  return back;
 }
 
 }  // namespace rgflow_fast

@@ -49,8 +49,8 @@ template <typename scalar_t>
 __global__ void gather_kernel(Geometry g, const scalar_t* __restrict__ x,
                               scalar_t* __restrict__ patches) {
   for_block_pixels(g, [&](int64_t b, int64_t c, int64_t i, int64_t j, int64_t o) {
-    const int64_t qi = g.lattice(i), qj = g.lattice(j);
-    if (qi >= 0 && qj >= 0) patches[g.row_offset(b, c, qi) + g.col_offset(qj)] = x[o];
+    const int64_t p = g.patch_offset(b, c, i, j);
+    if (p >= 0) patches[p] = x[o];
   });
 }
 
@@ -58,8 +58,8 @@ template <typename scalar_t>
 __global__ void scatter_kernel(Geometry g, const scalar_t* __restrict__ patches,
                                const scalar_t* __restrict__ x, scalar_t* __restrict__ out) {
   for_block_pixels(g, [&](int64_t b, int64_t c, int64_t i, int64_t j, int64_t o) {
-    const int64_t qi = g.lattice(i), qj = g.lattice(j);
-    out[o] = qi >= 0 && qj >= 0 ? patches[g.row_offset(b, c, qi) + g.col_offset(qj)] : x[o];
+    const int64_t p = g.patch_offset(b, c, i, j);
+    out[o] = p >= 0 ? patches[p] : x[o];
   });
 }
 
@@ -72,15 +72,10 @@ __global__ void coupling_kernel(Geometry g, int64_t parity, const scalar_t* __re
   using T = at::opmath_type<scalar_t>;
   T acc = 0;
   for_block_pixels(g, [&](int64_t b, int64_t c, int64_t i, int64_t j, int64_t o) {
-    const int64_t qi = g.lattice(i), qj = g.lattice(j);
-    if (qi < 0 || qj < 0) {
+    const int64_t p = g.patch_offset(b, c, i, j);
+    if (!g.transforms(i, j, parity)) {
       out[o] = x[o];
-      return;
-    }
-    const int64_t p = g.row_offset(b, c, qi) + g.col_offset(qj);
-    if (!Geometry::transformed(qi, qj, parity)) {
-      out[o] = x[o];
-      if (v != nullptr) v[p] = scalar_t(0);
+      if (v != nullptr && p >= 0) v[p] = scalar_t(0);
       return;
     }
     const T th = tanh_(T(s[p]));
@@ -113,16 +108,13 @@ __global__ void coupling_backward_kernel(Geometry g, int64_t parity,
                                          scalar_t* __restrict__ g_t) {
   using T = at::opmath_type<scalar_t>;
   for_block_pixels(g, [&](int64_t b, int64_t c, int64_t i, int64_t j, int64_t o) {
-    const int64_t qi = g.lattice(i), qj = g.lattice(j);
-    if (qi < 0 || qj < 0) {
+    const int64_t p = g.patch_offset(b, c, i, j);
+    if (!g.transforms(i, j, parity)) {
       g_x[o] = g_y[o];
-      return;
-    }
-    const int64_t p = g.row_offset(b, c, qi) + g.col_offset(qj);
-    if (!Geometry::transformed(qi, qj, parity)) {
-      g_x[o] = g_y[o];
-      g_s[p] = scalar_t(0);
-      g_t[p] = scalar_t(0);
+      if (p >= 0) {
+        g_s[p] = scalar_t(0);
+        g_t[p] = scalar_t(0);
+      }
       return;
     }
     const T th = tanh_(T(s[p]));
@@ -171,67 +163,47 @@ at::Tensor rg_scatter_cuda(const at::Tensor& patches_, const at::Tensor& x_, int
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rg_coupling_cuda(
-    const at::Tensor& x_, const at::Tensor& s_, const at::Tensor& t_, int64_t k, int64_t d,
+    const at::Tensor& x, const at::Tensor& s, const at::Tensor& t, int64_t k, int64_t d,
     int64_t off, int64_t parity, bool inverse, bool emit) {
-  const Geometry g = make_geometry(x_, k, d, off);
-  check_patches(s_, x_, g, "s");
-  check_patches(t_, x_, g, "t");
-  check_parity(parity);
-  const c10::cuda::CUDAGuard guard(x_.device());
-  const at::Tensor x = x_.contiguous(), s = s_.contiguous(), t = t_.contiguous();
-  at::Tensor out = at::empty_like(x);
-  at::Tensor v = emit ? at::empty_like(s) : at::empty({0}, x.options());
-  if (x.numel() == 0) return {out, at::zeros({g.B}, x.options()), v};
+  const c10::cuda::CUDAGuard guard(x.device());
+  const CouplingStep step = prepare_coupling(x, s, t, k, d, off, parity, emit);
+  const Geometry& g = step.g;
+  if (x.numel() == 0) return {step.out, at::zeros({g.B}, x.options()), step.v};
   const dim3 grid = plane_grid(g);
   const auto opmath = at::toOpMathType(x.scalar_type());
   at::Tensor partial = at::empty({g.B, g.C * int64_t(grid.y)}, x.options().dtype(opmath));
   RG_DISPATCH(x.scalar_type(), "rg_coupling_cuda", [&] {
     auto kernel = inverse ? coupling_kernel<scalar_t, true> : coupling_kernel<scalar_t, false>;
     kernel<<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        g, parity, x.const_data_ptr<scalar_t>(), s.const_data_ptr<scalar_t>(),
-        t.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
-        emit ? v.mutable_data_ptr<scalar_t>() : nullptr,
+        g, parity, step.x.const_data_ptr<scalar_t>(), step.s.const_data_ptr<scalar_t>(),
+        step.t.const_data_ptr<scalar_t>(), step.out.mutable_data_ptr<scalar_t>(),
+        emit ? step.v.mutable_data_ptr<scalar_t>() : nullptr,
         partial.mutable_data_ptr<at::opmath_type<scalar_t>>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {out, partial.sum(1).to(x.scalar_type()), v};
+  return {step.out, partial.sum(1).to(x.scalar_type()), step.v};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rg_coupling_backward_cuda(
-    const at::Tensor& x_, const at::Tensor& s_, const at::Tensor& t_, const at::Tensor& g_y_,
-    const at::Tensor& g_ldj_, const std::optional<at::Tensor>& g_v_, int64_t k, int64_t d,
+    const at::Tensor& x, const at::Tensor& s, const at::Tensor& t, const at::Tensor& g_y,
+    const at::Tensor& g_ldj, const std::optional<at::Tensor>& g_v, int64_t k, int64_t d,
     int64_t off, int64_t parity, bool inverse) {
-  const Geometry g = make_geometry(x_, k, d, off);
-  check_patches(s_, x_, g, "s");
-  check_patches(t_, x_, g, "t");
-  check_parity(parity);
-  TORCH_CHECK(g_y_.sizes() == x_.sizes() && g_y_.scalar_type() == x_.scalar_type() &&
-                  g_y_.device() == x_.device(),
-              "rgflow_fast: grad_y must match x; got ", g_y_.sizes(), " ", g_y_.scalar_type());
-  TORCH_CHECK(g_ldj_.dim() == 1 && g_ldj_.size(0) == g.B &&
-                  g_ldj_.scalar_type() == x_.scalar_type() && g_ldj_.device() == x_.device(),
-              "rgflow_fast: grad_ldj must have shape (B,) = (", g.B,
-              ") and the dtype and device of x; got ", g_ldj_.sizes(), " ", g_ldj_.scalar_type());
-  if (g_v_.has_value()) check_patches(*g_v_, x_, g, "grad_v");
-  const c10::cuda::CUDAGuard guard(x_.device());
-  const at::Tensor x = x_.contiguous(), s = s_.contiguous(), t = t_.contiguous();
-  const at::Tensor g_y = g_y_.contiguous(), g_ldj = g_ldj_.contiguous();
-  const at::Tensor g_v = g_v_.has_value() ? g_v_->contiguous() : at::Tensor();
-  at::Tensor g_x = at::empty_like(x), g_s = at::empty_like(s), g_t = at::empty_like(t);
-  if (x.numel() == 0) return {g_x, g_s, g_t};
+  const c10::cuda::CUDAGuard guard(x.device());
+  const CouplingBackward back = prepare_coupling_backward(x, s, t, g_y, g_ldj, g_v, k, d, off, parity);
+  if (x.numel() == 0) return {back.grad_x, back.grad_s, back.grad_t};
   RG_DISPATCH(x.scalar_type(), "rg_coupling_backward_cuda", [&] {
     auto kernel = inverse ? coupling_backward_kernel<scalar_t, true>
                           : coupling_backward_kernel<scalar_t, false>;
-    kernel<<<plane_grid(g), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        g, parity, x.const_data_ptr<scalar_t>(), s.const_data_ptr<scalar_t>(),
-        t.const_data_ptr<scalar_t>(), g_y.const_data_ptr<scalar_t>(),
-        g_ldj.const_data_ptr<scalar_t>(),
-        g_v.defined() ? g_v.const_data_ptr<scalar_t>() : nullptr,
-        g_x.mutable_data_ptr<scalar_t>(), g_s.mutable_data_ptr<scalar_t>(),
-        g_t.mutable_data_ptr<scalar_t>());
+    kernel<<<plane_grid(back.g), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        back.g, parity, back.x.const_data_ptr<scalar_t>(), back.s.const_data_ptr<scalar_t>(),
+        back.t.const_data_ptr<scalar_t>(), back.grad_y.const_data_ptr<scalar_t>(),
+        back.grad_ldj.const_data_ptr<scalar_t>(),
+        back.grad_v.defined() ? back.grad_v.const_data_ptr<scalar_t>() : nullptr,
+        back.grad_x.mutable_data_ptr<scalar_t>(), back.grad_s.mutable_data_ptr<scalar_t>(),
+        back.grad_t.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {g_x, g_s, g_t};
+  return {back.grad_x, back.grad_s, back.grad_t};
 }
 
 }  // namespace

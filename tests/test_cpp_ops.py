@@ -153,6 +153,11 @@ def test_direct_op_calls_check_their_inputs(ops):
         ops.rg_coupling(x, s, t, 4, 1, 0, 2, False, False)
     with pytest.raises(RuntimeError, match="must be a multiple of kernel_size\\*dilation"):
         ops.rg_gather(x, 4, 4, 0)
+    g_ldj = torch.zeros(2, dtype=x.dtype)
+    with pytest.raises(RuntimeError, match=r"grad_y must have shape \(B, C, L, L\) .* dtype and device"):
+        ops.rg_coupling_backward(x, s, t, x.float(), g_ldj, None, 4, 1, 0, 0, False)
+    with pytest.raises(RuntimeError, match=r"grad_ldj must have shape \(B,\) = \[2\]"):
+        ops.rg_coupling_backward(x, s, t, x, g_ldj[:1], None, 4, 1, 0, 0, False)
 
 
 def test_missing_compiler_is_reported_with_the_fix(monkeypatch):
