@@ -30,15 +30,12 @@ so each net holds ``4·n_res_blocks·(n_mlp + 1) + 1`` tensors (``n_res_blocks``
 """
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
 
 from . import backends
-from .reference import checkerboard, coupling_inverse_on_patches, coupling_on_patches
+from .reference import rg_coupling_layer as reference_layer
 
-__all__ = ["rg_coupling_layer", "reference_layer", "net_layout", "check_layer_inputs"]
+__all__ = ["rg_coupling_layer", "reference_layer", "net_layout", "check_layer_inputs", "register_fake_kernels"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -54,37 +51,6 @@ def net_layout(num_params: int, n_mlp: int) -> int:
             f"T net's, as ResidualMLP.op_parameters lists them); got {num_params} for n_mlp={n_mlp}"
         )
     return n_res
-
-
-def _net(v, params, n_res, n_mlp):
-    """``σ ⊙ R(v)``, computed op for op as :class:`rgflow_fast.nets.ResidualMLP` does."""
-    it = iter(params)
-    for _ in range(n_res):
-        h = v
-        for _ in range(n_mlp + 1):
-            beta, V, g, b = next(it), next(it), next(it), next(it)
-            h = h * torch.sigmoid(beta * h)
-            h = F.linear(h, V * (g / V.norm(dim=1, keepdim=True)), b)
-        v = (v + h) / math.sqrt(2)
-    return next(it) * v
-
-
-def reference_layer(u, ldj, params, n_mlp, inverse=False, recompute=False):
-    """The pure-PyTorch layer (backend ``"torch"``): the original code's nets and coupling,
-    step by step. ``recompute`` is accepted for the common signature; autograd stores."""
-    n_res = net_layout(len(params), n_mlp)
-    half = len(params) // 2
-    s_params, t_params = params[:half], params[half:]
-    k = u.shape[-1]
-    couple = coupling_inverse_on_patches if inverse else coupling_on_patches
-    for parity in ((1, 0) if inverse else (0, 1)):
-        v = (1 - checkerboard(k, parity, u)) * u
-        flat = v.reshape(v.shape[0], -1)
-        s = _net(flat, s_params, n_res, n_mlp).view_as(v)
-        t = _net(flat, t_params, n_res, n_mlp).view_as(v)
-        u, rows = couple(u, s, t, parity)
-        ldj = ldj + rows.reshape(ldj.shape[0], -1).sum(dim=1)
-    return u, ldj
 
 
 def check_layer_inputs(u, ldj, params, n_mlp) -> int:
@@ -139,3 +105,28 @@ def rg_coupling_layer(u, ldj, params, n_mlp, inverse=False, recompute=False):
     if not isinstance(inverse, bool) or not isinstance(recompute, bool):
         raise TypeError(f"inverse and recompute must be bools; got {inverse!r}, {recompute!r}")
     return backends.resolve(u).rg_coupling_layer(u, ldj, list(params), n_mlp, inverse, recompute)
+
+
+def register_fake_kernels(namespace: str) -> None:
+    """Fake (shape-only) kernels of a namespace's layer ops, so that ``torch.compile`` traces
+    them: ``rg_coupling_layer``, ``rg_coupling_layer_forward`` (which also returns the saved
+    activations, ``N · row_width`` values, or none) and ``rg_coupling_layer_backward``. Their
+    autograd is registered with the kernels (C++)."""
+
+    def layer_fake(u, ldj, params, n_mlp, inverse, recompute):
+        return u.new_empty(u.shape), ldj.new_empty(ldj.shape)
+
+    def forward_fake(u, ldj, params, n_mlp, inverse, store):
+        D = u.shape[1] * u.shape[2] * u.shape[3]
+        n_res = net_layout(len(params), n_mlp)
+        hidden = params[1].shape[0] if n_res else D
+        row_width = 2 * (D + 2 * ((n_res + 1) * D + n_res * n_mlp * hidden))
+        acts = u.new_empty(u.shape[0] * row_width if store else 0)
+        return u.new_empty(u.shape), ldj.new_empty(ldj.shape), acts
+
+    def backward_fake(u, acts, params, grad_y, grad_ldj, n_mlp, inverse):
+        return u.new_empty(u.shape), [p.new_empty(p.shape) for p in params]
+
+    torch.library.register_fake(f"{namespace}::rg_coupling_layer", layer_fake)
+    torch.library.register_fake(f"{namespace}::rg_coupling_layer_forward", forward_fake)
+    torch.library.register_fake(f"{namespace}::rg_coupling_layer_backward", backward_fake)

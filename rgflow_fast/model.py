@@ -12,8 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from . import backends, reference
-from . import functional as F
+from . import backends
 from .geometry import BlockSpec, block_specs, num_levels
 from .invertible import invertible_forward
 from .nets import ResidualMLP
@@ -24,10 +23,12 @@ __all__ = ["RGFlow", "RGBlock", "CouplingLayer"]
 
 class CouplingLayer(nn.Module):
     """RNVP layer ``j``: nets ``S_j``, ``T_j`` on flattened patches ``(N, C·k·k)``, applied in
-    two checkerboard steps (parity 0, then parity 1) with the same nets."""
+    two checkerboard steps (parity 0, then parity 1) with the same nets — one call of the
+    fused op :func:`rgflow_fast.coupling_layer.rg_coupling_layer`."""
 
     def __init__(self, features: int, hidden: int, n_mlp: int, n_res_blocks: int):
         super().__init__()
+        self.n_mlp = n_mlp
         self.s_net = ResidualMLP(features, hidden, n_mlp, n_res_blocks)
         self.t_net = ResidualMLP(features, hidden, n_mlp, n_res_blocks)
 
@@ -36,67 +37,37 @@ class CouplingLayer(nn.Module):
         flat = v.reshape(v.shape[0], -1)
         return self.s_net(flat).view_as(v), self.t_net(flat).view_as(v)
 
+    def op_parameters(self) -> list[torch.Tensor]:
+        """Both nets' parameters in the op's flat order (S, then T)."""
+        return self.s_net.op_parameters() + self.t_net.op_parameters()
+
 
 class RGBlock(nn.Module):
     """One RG block: gathers its patches, runs ``n_layers`` coupling layers on them, scatters back.
 
-    Under backend ``"torch"`` it computes as the original code (gather once, couple on the
-    patch tensor, scatter once); other backends apply each step with the fused
-    :func:`rgflow_fast.functional.rg_coupling_step`, which also emits the next step's net
-    input: on the image at level 0, on the gathered patch tensor above.
+    Every backend runs the same path: one gather, one fused
+    :func:`~rgflow_fast.coupling_layer.rg_coupling_layer` per layer on the patch tensor, one
+    scatter. The backend is resolved once per call. ``recompute`` (set by
+    ``RGFlow(memory_efficient=True)``) lets the layers keep only their inputs for backward.
     """
 
     def __init__(self, spec: BlockSpec, channels: int, n_layers: int, n_res_blocks: int, n_mlp: int, hidden: int):
         super().__init__()
         self.spec = spec
+        self.recompute = False
         features = channels * spec.kernel_size**2
         self.layers = nn.ModuleList(
             CouplingLayer(features, hidden, n_mlp, n_res_blocks) for _ in range(n_layers)
         )
 
-    def _geometry(self):
-        s = self.spec
-        return s.kernel_size, s.dilation, s.offset
-
-    def _steps(self, inverse: bool):
-        steps = [(layer, parity) for layer in self.layers for parity in (0, 1)]
-        return reversed(steps) if inverse else steps
-
     def _run(self, x, inverse: bool):
-        geometry = self._geometry()
-        k = self.spec.kernel_size
+        backend = backends.resolve(x)
+        geometry = self.spec.kernel_size, self.spec.dilation, self.spec.offset
+        u = backend.rg_gather(x, *geometry)
         ldj = x.new_zeros(x.shape[0])
-        if backends.resolve(x) is reference:
-            couple = reference.coupling_inverse_on_patches if inverse else reference.coupling_on_patches
-            u = reference.rg_gather(x, *geometry)
-            for layer, parity in self._steps(inverse):
-                keep = 1 - reference.checkerboard(k, parity, u)
-                u, rows = couple(u, *layer.nets(keep * u), parity)
-                ldj = ldj + rows.reshape(x.shape[0], -1).sum(dim=1)
-            return reference.rg_scatter(u, x, *geometry), ldj
-        # Fused path. Parities alternate, so the half a step transforms is the half the next
-        # step keeps: each step's op also emits it, masked, as the next step's net input. At
-        # level 0 the patches tile the image and the steps run on the image itself; above, the
-        # patches cover only 1/4^h of it, so the block gathers once, runs its steps on the patch
-        # tensor seen as a batch of k×k images (geometry k, 1, 0), and scatters once, rather
-        # than copying the whole image at every step (traffic counts: kernels/rg_coupling.py).
-        steps = list(self._steps(inverse))
-        u = F.rg_gather(x, *geometry)
-        v = (1 - reference.checkerboard(k, steps[0][1], u)) * u
-        on_image = self.spec.dilation == 1
-        state, step_geometry = (x, geometry) if on_image else (u, (k, 1, 0))
-        rows_ldj = state.new_zeros(state.shape[0])
-        for i, (layer, parity) in enumerate(steps):
-            s, t = layer.nets(v)
-            if i + 1 < len(steps):
-                state, step_ldj, v = F.rg_coupling_step(state, s, t, *step_geometry, parity, inverse)
-            else:
-                couple = F.rg_coupling_inverse if inverse else F.rg_coupling
-                state, step_ldj = couple(state, s, t, *step_geometry, parity)
-            rows_ldj = rows_ldj + step_ldj
-        if on_image:
-            return state, rows_ldj
-        return F.rg_scatter(state, x, *geometry), rows_ldj.reshape(x.shape[0], -1).sum(dim=1)
+        for layer in reversed(self.layers) if inverse else self.layers:
+            u, ldj = backend.rg_coupling_layer(u, ldj, layer.op_parameters(), layer.n_mlp, inverse, self.recompute)
+        return backend.rg_scatter(u, x, *geometry), ldj
 
     def forward(self, x):
         return self._run(x, inverse=False)
@@ -177,6 +148,17 @@ class RGFlow(nn.Module):
         self.prior = Prior(prior, channels, image_size, kernel_size, temperature)
         self.check_inputs = True
         self.memory_efficient = memory_efficient
+
+    @property
+    def memory_efficient(self) -> bool:
+        """Train with invertible backpropagation, the layers recomputing their activations."""
+        return self._memory_efficient
+
+    @memory_efficient.setter
+    def memory_efficient(self, value: bool):
+        self._memory_efficient = bool(value)
+        for block in self.blocks:
+            block.recompute = self._memory_efficient
 
     @property
     def config(self) -> dict:

@@ -1,0 +1,724 @@
+// rg_coupling_layer on the CPU: one whole RNVP coupling layer (both checkerboard steps, the S
+// and T residual-MLP conditioners with weight norm, Swish, √2 residual and σ scale, the
+// tanh-clamped affine coupling and the log-det) in one op, forward, inverse and backward.
+// The maths and the flat parameter layout: rgflow_fast/coupling_layer.py.
+//
+// Work is cut into fixed tiles of kTileRows patch rows. A tile runs through the whole layer
+// with its activations in cache: every matrix product is one BLAS call on the tile, followed
+// by one fused elementwise pass (bias + Swish, or bias + residual + √2). Tiles are fixed
+// whatever the thread count, and parameter gradients are summed per chunk of tiles and then
+// over chunks in order, so results are bitwise the same for any number of threads.
+//
+// Ops (namespace rgflow_fast):
+//   rg_coupling_layer(u, ldj, params, n_mlp, inverse, recompute) -> (y, ldj)     autograd here
+//   rg_coupling_layer_forward(u, ldj, params, n_mlp, inverse, store) -> (y, ldj, acts)
+//   rg_coupling_layer_backward(u, acts, params, grad_y, grad_ldj, n_mlp, inverse)
+//       -> (grad_u, grad_params)       acts empty: recompute each tile's activations first
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+// BLAS as torch links it (MKL or OpenBLAS export the Fortran symbols); weak, so that a torch
+// without them still loads the extension and the op says what is missing.
+extern "C" {
+void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
+            const int*, const float*, const int*, const float*, float*, const int*) __attribute__((weak));
+void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*,
+            const int*, const double*, const int*, const double*, double*, const int*) __attribute__((weak));
+}
+
+namespace rgflow_fast {
+namespace {
+
+using at::Tensor;
+
+constexpr int64_t kTileRows = 64;
+// Parameter gradients are accumulated in at most this many chunk buffers (a fixed number, not
+// the thread count, so that the summation order never depends on the machine).
+constexpr int64_t kMaxChunks = 16;
+
+template <typename T>
+struct Blas;
+template <>
+struct Blas<float> {
+  static bool available() { return sgemm_ != nullptr; }
+  static void gemm(char ta, char tb, int m, int n, int k, float alpha, const float* a, int lda,
+                   const float* b, int ldb, float beta, float* c, int ldc) {
+    sgemm_(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
+  }
+};
+template <>
+struct Blas<double> {
+  static bool available() { return dgemm_ != nullptr; }
+  static void gemm(char ta, char tb, int m, int n, int k, double alpha, const double* a, int lda,
+                   const double* b, int ldb, double beta, double* c, int ldc) {
+    dgemm_(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
+  }
+};
+
+// Row-major products (BLAS is column-major: a row-major M is its column-major transpose).
+// C (rows×out, ldc) = A (rows×in, lda) · Wᵀ, W (out×in) contiguous.
+template <typename T>
+void mm_a_wt(int64_t rows, int64_t out, int64_t in, const T* A, int64_t lda, const T* W, T* C, int64_t ldc) {
+  Blas<T>::gemm('t', 'n', out, rows, in, T(1), W, in, A, lda, T(0), C, ldc);
+}
+// C (rows×in, ldc) = G (rows×out, ldg) · W (out×in).
+template <typename T>
+void mm_g_w(int64_t rows, int64_t out, int64_t in, const T* G, int64_t ldg, const T* W, T* C, int64_t ldc) {
+  Blas<T>::gemm('n', 'n', in, rows, out, T(1), W, in, G, ldg, T(0), C, ldc);
+}
+// dW (out×in) += Gᵀ (out×rows) · A (rows×in).
+template <typename T>
+void mm_gt_a_acc(int64_t rows, int64_t out, int64_t in, const T* G, int64_t ldg, const T* A, int64_t lda, T* dW) {
+  Blas<T>::gemm('n', 't', in, out, rows, T(1), A, lda, G, ldg, T(1), dW, in);
+}
+
+// exp as arithmetic only, so that GCC vectorises the loops that call it (libm's exp is a
+// call per element). Cody-Waite reduction x = n·ln2 + r, |r| ≤ ln2/2, then a Taylor
+// polynomial: relative error ~1e-7 (float) and ~2e-16 (double). Inputs are clamped to the
+// normal range, which only matters for sigmoid's tails (where it changes nothing).
+inline float fast_exp(float x) {
+  x = std::min(std::max(x, -87.0f), 88.0f);
+  const float magic = 12582912.0f;  // 1.5·2^23: adding it rounds to an integer
+  float n = (x * 1.44269504088896341f + magic) - magic;
+  float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.0f / 5040;
+  p = p * r + 1.0f / 720;
+  p = p * r + 1.0f / 120;
+  p = p * r + 1.0f / 24;
+  p = p * r + 1.0f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+inline double fast_exp(double x) {
+  x = std::min(std::max(x, -708.0), 709.0);
+  const double magic = 6755399441055744.0;  // 1.5·2^52
+  double n = (x * 1.4426950408889634074 + magic) - magic;
+  double r = (x - n * 6.93145751953125e-1) - n * 1.42860682030941723212e-6;
+  double p = 1.0 / 479001600;
+  p = p * r + 1.0 / 39916800;
+  p = p * r + 1.0 / 3628800;
+  p = p * r + 1.0 / 362880;
+  p = p * r + 1.0 / 40320;
+  p = p * r + 1.0 / 5040;
+  p = p * r + 1.0 / 720;
+  p = p * r + 1.0 / 120;
+  p = p * r + 1.0 / 24;
+  p = p * r + 1.0 / 6;
+  p = p * r + 0.5;
+  p = p * r + 1.0;
+  p = p * r + 1.0;
+  int64_t bits = (static_cast<int64_t>(n) + 1023) << 52;
+  double scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+template <typename T>
+inline T sigmoid(T x) {
+  return T(1) / (T(1) + fast_exp(-x));
+}
+
+// Where each activation of a tile lives: segment-major, so that every segment of a tile is a
+// (rows × width) matrix with leading dimension width. Segments per step (in application
+// order): the step's input x; per net, the residual stream z_0 … z_R (z_0 = the masked input,
+// z_R = R(v)) and the hidden pre-activations h_{r,1} … h_{r,n_mlp}.
+struct Layout {
+  int64_t D, H, n_res, n_mlp, per_net, per_step, row_width;
+  std::vector<int64_t> offset, width;
+
+  Layout(int64_t D_, int64_t H_, int64_t n_res_, int64_t n_mlp_)
+      : D(D_), H(H_), n_res(n_res_), n_mlp(n_mlp_) {
+    per_net = (n_res + 1) + n_res * n_mlp;
+    per_step = 1 + 2 * per_net;
+    row_width = 0;
+    for (int64_t s = 0; s < 2 * per_step; ++s) {
+      int64_t local = s % per_step;
+      int64_t w = (local == 0 || (local - 1) % per_net <= n_res) ? D : H;
+      offset.push_back(row_width);
+      width.push_back(w);
+      row_width += w;
+    }
+  }
+  int64_t x(int64_t st) const { return st * per_step; }
+  int64_t z(int64_t st, int64_t net, int64_t r) const { return st * per_step + 1 + net * per_net + r; }
+  int64_t h(int64_t st, int64_t net, int64_t r, int64_t i) const {
+    return st * per_step + 1 + net * per_net + (n_res + 1) + r * n_mlp + (i - 1);
+  }
+};
+
+// A tile's view of an activation buffer of n_rows rows (the saved tensor, or a tile scratch).
+template <typename T>
+struct Record {
+  T* base;
+  int64_t n_rows, row0;
+  const Layout* L;
+  T* operator()(int64_t seg) const { return base + n_rows * L->offset[seg] + row0 * L->width[seg]; }
+};
+
+// One net's parameters: per linear layer l = r·(n_mlp+1) + i, the Swish β before it, the
+// weight-normalised W (computed once per call) and the bias; then σ.
+template <typename T>
+struct Net {
+  std::vector<const T*> beta, W, b;
+  const T* sigma;
+};
+
+template <typename T>
+struct Problem {
+  Layout L;
+  Net<T> net[2];
+  std::vector<uint8_t> transformed[2];  // per parity, per feature: 1 where that step transforms
+  bool inverse;
+  int64_t in_width(int64_t i) const { return i == 0 ? L.D : L.H; }
+  int64_t out_width(int64_t i) const { return i == L.n_mlp ? L.D : L.H; }
+  int64_t max_width() const { return std::max(L.D, L.H); }
+  int64_t parity(int64_t st) const { return inverse ? 1 - st : st; }
+};
+
+// a = swish(h) = h·sigmoid(β h) over a (rows × w) block; with bias: h += b first (in place).
+template <typename T>
+void bias_swish(int64_t rows, int64_t w, T* h, const T* bias, const T* beta, T* a) {
+  for (int64_t r = 0; r < rows; ++r) {
+    T* hr = h + r * w;
+    T* ar = a + r * w;
+    if (bias) {
+#pragma omp simd
+      for (int64_t j = 0; j < w; ++j) hr[j] += bias[j];
+    }
+#pragma omp simd
+    for (int64_t j = 0; j < w; ++j) ar[j] = hr[j] * sigmoid(beta[j] * hr[j]);
+  }
+}
+
+// ---------------------------------------------------------------------------------- forward
+
+// Runs the layer on `rows` rows u (ld D), writing y, the two steps' per-row log-dets
+// (ldj_rows, rows × 2) and every activation into `rec`. `work`: 3 · rows · max_width.
+template <typename T>
+void tile_forward(const Problem<T>& p, const Record<T>& rec, int64_t rows, const T* u, T* y, T* ldj_rows, T* work) {
+  const Layout& L = p.L;
+  const int64_t D = L.D, H = L.H, mw = p.max_width();
+  const T inv_sqrt2 = T(1) / std::sqrt(T(2));
+  T* cur = work;
+  T* A = cur + rows * mw;
+  T* out = A + rows * mw;
+  std::copy(u, u + rows * D, cur);
+  for (int64_t st = 0; st < 2; ++st) {
+    const uint8_t* tr = p.transformed[p.parity(st)].data();
+    std::copy(cur, cur + rows * D, rec(L.x(st)));
+    for (int64_t n = 0; n < 2; ++n) {
+      const Net<T>& net = p.net[n];
+      T* z = rec(L.z(st, n, 0));
+      for (int64_t row = 0; row < rows; ++row) {
+#pragma omp simd
+        for (int64_t j = 0; j < D; ++j) z[row * D + j] = tr[j] ? T(0) : cur[row * D + j];
+      }
+      for (int64_t r = 0; r < L.n_res; ++r) {
+        const int64_t l0 = r * (L.n_mlp + 1);
+        bias_swish<T>(rows, D, z, nullptr, net.beta[l0], A);
+        for (int64_t i = 1; i <= L.n_mlp; ++i) {
+          T* h = rec(L.h(st, n, r, i));
+          mm_a_wt(rows, H, p.in_width(i - 1), A, p.in_width(i - 1), net.W[l0 + i - 1], h, H);
+          bias_swish<T>(rows, H, h, net.b[l0 + i - 1], net.beta[l0 + i], A);
+        }
+        mm_a_wt(rows, D, H, A, H, net.W[l0 + L.n_mlp], out, D);
+        T* z_next = rec(L.z(st, n, r + 1));
+        const T* b = net.b[l0 + L.n_mlp];
+        for (int64_t row = 0; row < rows; ++row) {
+#pragma omp simd
+          for (int64_t j = 0; j < D; ++j)
+            z_next[row * D + j] = (z[row * D + j] + (out[row * D + j] + b[j])) * inv_sqrt2;
+        }
+        z = z_next;
+      }
+    }
+    const T* zs = rec(L.z(st, 0, L.n_res));
+    const T* zt = rec(L.z(st, 1, L.n_res));
+    const T* sig_s = p.net[0].sigma;
+    const T* sig_t = p.net[1].sigma;
+    for (int64_t row = 0; row < rows; ++row) {
+      T acc = 0;
+      for (int64_t j = 0; j < D; ++j) {
+        if (!tr[j]) continue;
+        const int64_t i = row * D + j;
+        const T s = std::tanh(sig_s[j] * zs[i]);
+        const T t = sig_t[j] * zt[i];
+        cur[i] = p.inverse ? (cur[i] - t) * std::exp(-s) : cur[i] * std::exp(s) + t;
+        acc += s;
+      }
+      ldj_rows[row * 2 + st] = p.inverse ? -acc : acc;
+    }
+  }
+  std::copy(cur, cur + rows * D, y);
+}
+
+// --------------------------------------------------------------------------------- backward
+
+// Offsets of each parameter's gradient in a flat accumulator: per net, per linear layer
+// dβ (in), dW (out×in), db (out); then dσ (D).
+struct GradLayout {
+  std::vector<int64_t> beta[2], W[2], b[2];
+  int64_t sigma[2];
+  int64_t size = 0;
+  template <typename T>
+  explicit GradLayout(const Problem<T>& p) {
+    for (int64_t n = 0; n < 2; ++n) {
+      for (int64_t r = 0; r < p.L.n_res; ++r) {
+        for (int64_t i = 0; i <= p.L.n_mlp; ++i) {
+          beta[n].push_back(size);
+          size += p.in_width(i);
+          W[n].push_back(size);
+          size += p.in_width(i) * p.out_width(i);
+          b[n].push_back(size);
+          size += p.out_width(i);
+        }
+      }
+      sigma[n] = size;
+      size += p.L.D;
+    }
+  }
+};
+
+// Back-propagates grad_y (rows × D) through the layer of one tile whose activations are in
+// `rec`; writes grad_u and adds parameter gradients into `acc` (GradLayout). gl: the
+// log-det's gradient for each row. `work`: 8 · rows · max_width.
+template <typename T>
+void tile_backward(const Problem<T>& p, const GradLayout& gl_layout, const Record<T>& rec, int64_t rows,
+                   const T* grad_y, const T* gl, T* grad_u, T* acc, T* work) {
+  const Layout& L = p.L;
+  const int64_t D = L.D, mw = p.max_width();
+  const T inv_sqrt2 = T(1) / std::sqrt(T(2));
+  T* g = work;                 // grad of the current step's output, then input
+  T* gnet[2] = {g + rows * mw, g + 2 * rows * mw};  // grads of R_s(v), R_t(v)
+  T* A = g + 3 * rows * mw;    // recomputed Swish output
+  T* SG = g + 4 * rows * mw;   // recomputed sigmoid
+  T* DP = g + 5 * rows * mw;   // grad of a pre-activation
+  T* DA = g + 6 * rows * mw;   // grad of a Swish output
+  std::copy(grad_y, grad_y + rows * D, g);
+  for (int64_t st = 1; st >= 0; --st) {
+    const uint8_t* tr = p.transformed[p.parity(st)].data();
+    const T* x = rec(L.x(st));
+    const T* zs = rec(L.z(st, 0, L.n_res));
+    const T* zt = rec(L.z(st, 1, L.n_res));
+    const T* sig_s = p.net[0].sigma;
+    const T* sig_t = p.net[1].sigma;
+    T* dsig_s = acc + gl_layout.sigma[0];
+    T* dsig_t = acc + gl_layout.sigma[1];
+    for (int64_t row = 0; row < rows; ++row) {
+      for (int64_t j = 0; j < D; ++j) {
+        const int64_t i = row * D + j;
+        if (!tr[j]) {
+          gnet[0][i] = gnet[1][i] = T(0);
+          continue;
+        }
+        const T s = std::tanh(sig_s[j] * zs[i]);
+        const T dtanh = T(1) - s * s;
+        T g_s, g_t;
+        if (!p.inverse) {  // y = x·e^s + t, ldj += s
+          const T e = std::exp(s);
+          g_s = (g[i] * x[i] * e + gl[row]) * dtanh;
+          g_t = g[i];
+          g[i] = g[i] * e;
+        } else {  // y = (x - t)·e^{-s}, ldj -= s
+          const T e = std::exp(-s);
+          const T t = sig_t[j] * zt[i];
+          g_s = (-g[i] * (x[i] - t) * e - gl[row]) * dtanh;
+          g_t = -g[i] * e;
+          g[i] = g[i] * e;
+        }
+        dsig_s[j] += g_s * zs[i];
+        dsig_t[j] += g_t * zt[i];
+        gnet[0][i] = g_s * sig_s[j];
+        gnet[1][i] = g_t * sig_t[j];
+      }
+    }
+    for (int64_t n = 0; n < 2; ++n) {
+      const Net<T>& net = p.net[n];
+      T* gz = gnet[n];  // grad of z_{r+1}, then of z_r
+      for (int64_t r = L.n_res - 1; r >= 0; --r) {
+        const int64_t l0 = r * (L.n_mlp + 1);
+        const T* z = rec(L.z(st, n, r));
+        for (int64_t i = 0; i < rows * D; ++i) gz[i] *= inv_sqrt2;
+        // DP: grad of linear i's output, walking i = n_mlp … 0 (F's output is linear n_mlp's)
+        std::copy(gz, gz + rows * D, DP);
+        for (int64_t i = L.n_mlp; i >= 0; --i) {
+          const int64_t w_in = p.in_width(i), w_out = p.out_width(i), l = l0 + i;
+          const T* pre = i == 0 ? z : rec(L.h(st, n, r, i));
+          const T* beta = net.beta[l];
+          for (int64_t row = 0; row < rows; ++row) {
+#pragma omp simd
+            for (int64_t j = 0; j < w_in; ++j) {
+              const T sgm = sigmoid(beta[j] * pre[row * w_in + j]);
+              SG[row * w_in + j] = sgm;
+              A[row * w_in + j] = pre[row * w_in + j] * sgm;
+            }
+          }
+          T* db = acc + gl_layout.b[n][l];
+          for (int64_t row = 0; row < rows; ++row) {
+#pragma omp simd
+            for (int64_t j = 0; j < w_out; ++j) db[j] += DP[row * w_out + j];
+          }
+          mm_gt_a_acc(rows, w_out, w_in, DP, w_out, A, w_in, acc + gl_layout.W[n][l]);
+          mm_g_w(rows, w_out, w_in, DP, w_out, net.W[l], DA, w_in);
+          T* dbeta = acc + gl_layout.beta[n][l];
+          for (int64_t row = 0; row < rows; ++row) {
+#pragma omp simd
+            for (int64_t j = 0; j < w_in; ++j) {
+              const int64_t k = row * w_in + j;
+              const T h = pre[k], sgm = SG[k], dsg = sgm * (T(1) - sgm);
+              dbeta[j] += DA[k] * h * h * dsg;
+              DP[k] = DA[k] * (sgm + beta[j] * h * dsg);
+            }
+          }
+        }
+        for (int64_t i = 0; i < rows * D; ++i) gz[i] += DP[i];
+      }
+      for (int64_t row = 0; row < rows; ++row) {  // v = (1 - m) ⊙ x
+#pragma omp simd
+        for (int64_t j = 0; j < D; ++j) g[row * D + j] += tr[j] ? T(0) : gz[row * D + j];
+      }
+    }
+  }
+  std::copy(g, g + rows * D, grad_u);
+}
+
+// The tiles' elementwise passes are most of the time outside BLAS: compile the tile code for
+// wider vector units as well and pick the version at load time (function multiversioning), so
+// that one build runs everywhere. `flatten` inlines the templates into each version.
+#if defined(__x86_64__) && defined(__GNUC__) && (__GNUC__ >= 11 || defined(__clang__))
+#define RGF_TILE_CODE __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"), flatten))
+#else
+#define RGF_TILE_CODE
+#endif
+
+#define RGF_TILE_ENTRY_POINTS(T)                                                                            \
+  RGF_TILE_CODE void run_tile_forward(const Problem<T>& p, const Record<T>& rec, int64_t rows, const T* u, T* y, \
+                                      T* ldj_rows, T* work) {                                              \
+    tile_forward(p, rec, rows, u, y, ldj_rows, work);                                                      \
+  }                                                                                                         \
+  RGF_TILE_CODE void run_tile_backward(const Problem<T>& p, const GradLayout& gl, const Record<T>& rec,      \
+                                       int64_t rows, const T* grad_y, const T* gl_rows, T* grad_u, T* acc,   \
+                                       T* work) {                                                           \
+    tile_backward(p, gl, rec, rows, grad_y, gl_rows, grad_u, acc, work);                                   \
+  }
+RGF_TILE_ENTRY_POINTS(float)
+RGF_TILE_ENTRY_POINTS(double)
+
+// ------------------------------------------------------------------------------ the ops
+
+struct Sizes {
+  int64_t N, C, k, D, B, P, n_res, H;
+};
+
+Sizes check_inputs(const Tensor& u, const Tensor& ldj, at::TensorList params, int64_t n_mlp) {
+  TORCH_CHECK(u.dim() == 4 && u.size(2) == u.size(3), "rg_coupling_layer: u must be (N, C, k, k); got ", u.sizes());
+  TORCH_CHECK(u.scalar_type() == at::kFloat || u.scalar_type() == at::kDouble,
+              "rg_coupling_layer (cpu): float32 or float64 only; got ", u.scalar_type(),
+              " (the 'torch' backend runs other dtypes)");
+  TORCH_CHECK(u.device().is_cpu(), "rg_coupling_layer (cpu): u must be a CPU tensor; got ", u.device());
+  TORCH_CHECK(ldj.dim() == 1 && ldj.size(0) >= 1 && u.size(0) % ldj.size(0) == 0,
+              "rg_coupling_layer: ldj must be (B,) with N = B·P rows in u; got ", ldj.sizes(), " for u ", u.sizes());
+  TORCH_CHECK(n_mlp >= 1, "rg_coupling_layer: n_mlp must be >= 1; got ", n_mlp);
+  const int64_t per_block = 4 * (n_mlp + 1);
+  const int64_t per_net = static_cast<int64_t>(params.size()) / 2;
+  TORCH_CHECK(params.size() % 2 == 0 && per_net >= 1 && (per_net - 1) % per_block == 0,
+              "rg_coupling_layer: params must hold 2·(4·n_res_blocks·(n_mlp+1) + 1) tensors; got ", params.size());
+  Sizes s;
+  s.N = u.size(0);
+  s.C = u.size(1);
+  s.k = u.size(2);
+  s.D = s.C * s.k * s.k;
+  s.B = ldj.size(0);
+  s.P = s.N / s.B;
+  s.n_res = (per_net - 1) / per_block;
+  s.H = s.n_res ? params[1].size(0) : s.D;
+  for (const Tensor& t : params)
+    TORCH_CHECK(t.scalar_type() == u.scalar_type() && t.device() == u.device(),
+                "rg_coupling_layer: every parameter must match u's dtype and device");
+  for (int64_t n = 0; n < 2; ++n) {
+    for (int64_t l = 0; l < s.n_res * (n_mlp + 1); ++l) {
+      const int64_t i = l % (n_mlp + 1);
+      const int64_t w_in = i == 0 ? s.D : s.H, w_out = i == n_mlp ? s.D : s.H;
+      const int64_t base = n * per_net + 4 * l;
+      TORCH_CHECK(params[base].numel() == w_in && params[base + 1].dim() == 2 && params[base + 1].size(0) == w_out &&
+                      params[base + 1].size(1) == w_in && params[base + 2].numel() == w_out &&
+                      params[base + 3].numel() == w_out,
+                  "rg_coupling_layer: parameter shapes of linear layer ", l, " (net ", n,
+                  ") do not match D = ", s.D, ", hidden = ", s.H);
+    }
+    TORCH_CHECK(params[n * per_net + per_net - 1].numel() == s.D, "rg_coupling_layer: σ must have D = ", s.D, " entries");
+  }
+  TORCH_CHECK(s.N < (int64_t(1) << 31) / std::max(s.D, s.H), "rg_coupling_layer: too many rows for 32-bit BLAS");
+  return s;
+}
+
+// Problem description with weight norm applied: W = g ⊙ V / ‖V‖_row, computed once per call
+// into `weights` (which must outlive the Problem).
+template <typename T>
+Problem<T> make_problem(const Sizes& s, const std::vector<Tensor>& params, int64_t n_mlp, bool inverse,
+                        std::vector<Tensor>& weights) {
+  TORCH_CHECK(Blas<T>::available(),
+              "rg_coupling_layer (cpu): this torch exports no BLAS gemm (sgemm_/dgemm_); use the 'torch' backend");
+  Problem<T> p{Layout(s.D, s.H, s.n_res, n_mlp), {}, {}, inverse};
+  const int64_t per_net = static_cast<int64_t>(params.size()) / 2;
+  for (int64_t n = 0; n < 2; ++n) {
+    for (int64_t l = 0; l < s.n_res * (n_mlp + 1); ++l) {
+      const int64_t base = n * per_net + 4 * l;
+      const Tensor& V = params[base + 1];
+      weights.push_back((V * (params[base + 2].reshape({-1, 1}) / V.norm(2, {1}, true))).contiguous());
+      p.net[n].beta.push_back(params[base].data_ptr<T>());
+      p.net[n].W.push_back(weights.back().data_ptr<T>());
+      p.net[n].b.push_back(params[base + 3].data_ptr<T>());
+    }
+    p.net[n].sigma = params[n * per_net + per_net - 1].data_ptr<T>();
+  }
+  for (int64_t parity = 0; parity < 2; ++parity) {
+    for (int64_t j = 0; j < s.D; ++j) {
+      const int64_t a = (j / s.k) % s.k, b = j % s.k;
+      p.transformed[parity].push_back(((a + b) % 2 == 1) == (parity == 0));
+    }
+  }
+  return p;
+}
+
+std::vector<Tensor> contiguous(at::TensorList params) {
+  std::vector<Tensor> out;
+  out.reserve(params.size());
+  for (const Tensor& t : params) out.push_back(t.contiguous());
+  return out;
+}
+
+std::tuple<Tensor, Tensor, Tensor> layer_forward(const Tensor& u_in, const Tensor& ldj, at::TensorList params_in,
+                                                 int64_t n_mlp, bool inverse, bool store) {
+  const Sizes s = check_inputs(u_in, ldj, params_in, n_mlp);
+  const Tensor u = u_in.contiguous();
+  const std::vector<Tensor> params = contiguous(params_in);
+  Tensor y = at::empty_like(u);
+  Tensor ldj_out = at::empty_like(ldj);
+  Tensor acts;
+  AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "rg_coupling_layer_forward", [&] {
+    std::vector<Tensor> weights;
+    const Problem<scalar_t> p = make_problem<scalar_t>(s, params, n_mlp, inverse, weights);
+    acts = store ? at::empty({s.N * p.L.row_width}, u.options()) : at::empty({0}, u.options());
+    std::vector<scalar_t> rows_ldj(s.N * 2);
+    const int64_t tiles = (s.N + kTileRows - 1) / kTileRows;
+    const scalar_t* u_ptr = u.data_ptr<scalar_t>();
+    scalar_t* y_ptr = y.data_ptr<scalar_t>();
+    scalar_t* acts_ptr = store ? acts.data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<scalar_t> work(3 * kTileRows * p.max_width());
+      std::vector<scalar_t> scratch(store ? 0 : kTileRows * p.L.row_width);
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t r0 = t * kTileRows, rows = std::min(kTileRows, s.N - r0);
+        const Record<scalar_t> rec = store ? Record<scalar_t>{acts_ptr, s.N, r0, &p.L}
+                                           : Record<scalar_t>{scratch.data(), rows, 0, &p.L};
+        run_tile_forward(p, rec, rows, u_ptr + r0 * s.D, y_ptr + r0 * s.D, rows_ldj.data() + r0 * 2, work.data());
+      }
+    });
+    // per image, step by step, in row order: the reference's summation order
+    const Tensor ldj_c = ldj.contiguous();
+    const scalar_t* ldj_in = ldj_c.data_ptr<scalar_t>();
+    scalar_t* out = ldj_out.data_ptr<scalar_t>();
+    for (int64_t b = 0; b < s.B; ++b) {
+      scalar_t total = ldj_in[b];
+      for (int64_t st = 0; st < 2; ++st) {
+        scalar_t sum = 0;
+        for (int64_t q = 0; q < s.P; ++q) sum += rows_ldj[(b * s.P + q) * 2 + st];
+        total += sum;
+      }
+      out[b] = total;
+    }
+  });
+  return {y.view(u_in.sizes()), ldj_out, acts};
+}
+
+std::tuple<Tensor, std::vector<Tensor>> layer_backward(const Tensor& u_in, const Tensor& acts, at::TensorList params_in,
+                                                       const Tensor& grad_y_in, const Tensor& grad_ldj, int64_t n_mlp,
+                                                       bool inverse) {
+  const Sizes s = check_inputs(u_in, grad_ldj, params_in, n_mlp);
+  TORCH_CHECK(grad_y_in.sizes() == u_in.sizes() && grad_y_in.scalar_type() == u_in.scalar_type() &&
+                  grad_y_in.device() == u_in.device(),
+              "rg_coupling_layer_backward: grad_y must match u (", u_in.sizes(), ")");
+  const Tensor u = u_in.contiguous();
+  const Tensor grad_y = grad_y_in.contiguous();
+  const std::vector<Tensor> params = contiguous(params_in);
+  Tensor grad_u = at::empty_like(u);
+  std::vector<Tensor> grads;
+  AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "rg_coupling_layer_backward", [&] {
+    using T = scalar_t;
+    std::vector<Tensor> weights;
+    const Problem<T> p = make_problem<T>(s, params, n_mlp, inverse, weights);
+    const bool stored = acts.numel() > 0;
+    TORCH_CHECK(!stored || acts.numel() == s.N * p.L.row_width,
+                "rg_coupling_layer_backward: acts do not match this layer (", acts.numel(), " values)");
+    const GradLayout gl(p);
+    const int64_t tiles = (s.N + kTileRows - 1) / kTileRows;
+    const int64_t chunks = std::min(tiles, kMaxChunks);
+    std::vector<T> partial(chunks * gl.size, T(0));
+    std::vector<T> row_gl(s.N);
+    const Tensor gldj = grad_ldj.contiguous();
+    for (int64_t r = 0; r < s.N; ++r) row_gl[r] = gldj.data_ptr<T>()[r / s.P];
+    const T* u_ptr = u.data_ptr<T>();
+    const T* gy_ptr = grad_y.data_ptr<T>();
+    T* gu_ptr = grad_u.data_ptr<T>();
+    T* acts_ptr = stored ? acts.data_ptr<T>() : nullptr;
+    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+      std::vector<T> work(8 * kTileRows * p.max_width());
+      std::vector<T> scratch(stored ? 0 : kTileRows * p.L.row_width);
+      std::vector<T> y_unused(stored ? 0 : kTileRows * s.D), ldj_unused(stored ? 0 : kTileRows * 2);
+      for (int64_t c = c0; c < c1; ++c) {
+        for (int64_t t = c * tiles / chunks; t < (c + 1) * tiles / chunks; ++t) {
+          const int64_t r0 = t * kTileRows, rows = std::min(kTileRows, s.N - r0);
+          Record<T> rec{acts_ptr, s.N, r0, &p.L};
+          if (!stored) {
+            rec = Record<T>{scratch.data(), rows, 0, &p.L};
+            run_tile_forward(p, rec, rows, u_ptr + r0 * s.D, y_unused.data(), ldj_unused.data(), work.data());
+          }
+          run_tile_backward(p, gl, rec, rows, gy_ptr + r0 * s.D, row_gl.data() + r0, gu_ptr + r0 * s.D,
+                        partial.data() + c * gl.size, work.data());
+        }
+      }
+    });
+    std::vector<T> total(gl.size, T(0));
+    for (int64_t c = 0; c < chunks; ++c)
+      for (int64_t i = 0; i < gl.size; ++i) total[i] += partial[c * gl.size + i];
+    // back from W to the weight-norm parameters: with n = ‖V_o‖ and V̂ = V_o / n,
+    // dg_o = Σ_j dW_oj V̂_oj and dV_o = (g_o / n)(dW_o − dg_o V̂_o)
+    const int64_t per_net = static_cast<int64_t>(params.size()) / 2;
+    for (int64_t n = 0; n < 2; ++n) {
+      for (int64_t l = 0; l < s.n_res * (n_mlp + 1); ++l) {
+        const int64_t i = l % (n_mlp + 1), w_in = p.in_width(i), w_out = p.out_width(i);
+        const Tensor& V = params[n * per_net + 4 * l + 1];
+        const Tensor& g = params[n * per_net + 4 * l + 2];
+        Tensor dbeta = at::empty({w_in}, u.options()), dV = at::empty_like(V), dg = at::empty_like(g),
+               db = at::empty({w_out}, u.options());
+        std::copy(total.begin() + gl.beta[n][l], total.begin() + gl.beta[n][l] + w_in, dbeta.data_ptr<T>());
+        std::copy(total.begin() + gl.b[n][l], total.begin() + gl.b[n][l] + w_out, db.data_ptr<T>());
+        const T* dW = total.data() + gl.W[n][l];
+        const T* v = V.data_ptr<T>();
+        const T* gp = g.data_ptr<T>();
+        T* dv = dV.data_ptr<T>();
+        T* dgp = dg.data_ptr<T>();
+        for (int64_t o = 0; o < w_out; ++o) {
+          T sq = 0;
+          for (int64_t j = 0; j < w_in; ++j) sq += v[o * w_in + j] * v[o * w_in + j];
+          const T norm = std::sqrt(sq);
+          T dot = 0;
+          for (int64_t j = 0; j < w_in; ++j) dot += dW[o * w_in + j] * v[o * w_in + j];
+          const T dgo = dot / norm;
+          dgp[o] = dgo;
+          for (int64_t j = 0; j < w_in; ++j)
+            dv[o * w_in + j] = (gp[o] / norm) * (dW[o * w_in + j] - dgo * v[o * w_in + j] / norm);
+        }
+        grads.push_back(dbeta.view(params_in[n * per_net + 4 * l].sizes()));
+        grads.push_back(dV);
+        grads.push_back(dg.view(params_in[n * per_net + 4 * l + 2].sizes()));
+        grads.push_back(db.view(params_in[n * per_net + 4 * l + 3].sizes()));
+      }
+      Tensor dsigma = at::empty({s.D}, u.options());
+      std::copy(total.begin() + gl.sigma[n], total.begin() + gl.sigma[n] + s.D, dsigma.data_ptr<T>());
+      grads.push_back(dsigma.view(params_in[n * per_net + per_net - 1].sizes()));
+    }
+  });
+  return {grad_u.view(u_in.sizes()), grads};
+}
+
+// ----------------------------------------------------------------------------- autograd
+
+c10::OperatorHandle op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "");
+}
+
+class LayerFunction : public torch::autograd::Function<LayerFunction> {
+ public:
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const Tensor& u,
+                                                const Tensor& ldj, at::TensorList params, int64_t n_mlp,
+                                                bool inverse, bool recompute) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static auto fwd = op("rgflow_fast::rg_coupling_layer_forward")
+                          .typed<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, at::TensorList,
+                                                                     int64_t, bool, bool)>();
+    auto [y, ldj_out, acts] = fwd.call(u, ldj, params, n_mlp, inverse, !recompute);
+    std::vector<Tensor> saved{u, acts};
+    saved.insert(saved.end(), params.begin(), params.end());
+    ctx->save_for_backward(saved);
+    ctx->saved_data["n_mlp"] = n_mlp;
+    ctx->saved_data["inverse"] = inverse;
+    ctx->saved_data["batch"] = ldj.size(0);
+    return {y, ldj_out};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    static auto bwd = op("rgflow_fast::rg_coupling_layer_backward")
+                          .typed<std::tuple<Tensor, std::vector<Tensor>>(const Tensor&, const Tensor&, at::TensorList,
+                                                                          const Tensor&, const Tensor&, int64_t, bool)>();
+    const auto saved = ctx->get_saved_variables();
+    const Tensor& u = saved[0];
+    const std::vector<Tensor> params(saved.begin() + 2, saved.end());
+    Tensor grad_y = grads[0].defined() ? grads[0] : at::zeros_like(u);
+    Tensor grad_ldj = grads[1].defined() ? grads[1] : at::zeros({ctx->saved_data["batch"].toInt()}, u.options());
+    auto [grad_u, grad_params] = bwd.call(u, saved[1], params, grad_y, grad_ldj, ctx->saved_data["n_mlp"].toInt(),
+                                          ctx->saved_data["inverse"].toBool());
+    torch::autograd::variable_list out{grad_u, grad_ldj};
+    out.insert(out.end(), grad_params.begin(), grad_params.end());
+    out.resize(out.size() + 3);  // n_mlp, inverse, recompute
+    return out;
+  }
+};
+
+std::tuple<Tensor, Tensor> layer_autograd(const Tensor& u, const Tensor& ldj, at::TensorList params, int64_t n_mlp,
+                                          bool inverse, bool recompute) {
+  bool needs_grad = torch::autograd::GradMode::is_enabled() && (u.requires_grad() || ldj.requires_grad());
+  for (const Tensor& t : params) needs_grad = needs_grad || (torch::autograd::GradMode::is_enabled() && t.requires_grad());
+  if (!needs_grad) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static auto plain = op("rgflow_fast::rg_coupling_layer")
+                            .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, at::TensorList, int64_t,
+                                                              bool, bool)>();
+    return plain.call(u, ldj, params, n_mlp, inverse, recompute);
+  }
+  auto out = LayerFunction::apply(u, ldj, params, n_mlp, inverse, recompute);
+  return {out[0], out[1]};
+}
+
+std::tuple<Tensor, Tensor> layer_inference(const Tensor& u, const Tensor& ldj, at::TensorList params, int64_t n_mlp,
+                                           bool inverse, bool recompute) {
+  auto [y, ldj_out, acts] = layer_forward(u, ldj, params, n_mlp, inverse, false);
+  return {y, ldj_out};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(rgflow_fast, m) {
+  m.def("rg_coupling_layer(Tensor u, Tensor ldj, Tensor[] params, int n_mlp, bool inverse, bool recompute) -> (Tensor, Tensor)");
+  m.def("rg_coupling_layer_forward(Tensor u, Tensor ldj, Tensor[] params, int n_mlp, bool inverse, bool store) -> (Tensor, Tensor, Tensor)");
+  m.def("rg_coupling_layer_backward(Tensor u, Tensor acts, Tensor[] params, Tensor grad_y, Tensor grad_ldj, int n_mlp, bool inverse) -> (Tensor, Tensor[])");
+}
+
+TORCH_LIBRARY_IMPL(rgflow_fast, CPU, m) {
+  m.impl("rg_coupling_layer", &layer_inference);
+  m.impl("rg_coupling_layer_forward", &layer_forward);
+  m.impl("rg_coupling_layer_backward", &layer_backward);
+}
+
+TORCH_LIBRARY_IMPL(rgflow_fast, Autograd, m) {
+  m.impl("rg_coupling_layer", &layer_autograd);
+}
+
+}  // namespace rgflow_fast
