@@ -69,7 +69,7 @@ __all__ = [
 ]
 
 PRECISIONS = {"fp32": 0, "tf32": 1, "bf16": 2}
-INV_SQRT2 = 1.0 / math.sqrt(2.0)
+INV_SQRT2 = tl.constexpr(1.0 / math.sqrt(2.0))
 # Widest feature dimension D = C·k² the register tiles serve (C=4, k=4); larger D would need
 # the D axis tiled as well.
 MAX_D = 64
@@ -129,8 +129,8 @@ def _net_forward(
     cols = tl.arange(0, BH)
     lr = tl.arange(0, BM)
     NSLOT = N_RES * (N_MLP + 1) + 1
-    hrow = hsave + (NET * NSLOT) * N * VW + rows[:, None].to(tl.int64) * VW
-    scr_tile = scr + pid.to(tl.int64) * (2 * BM * HP) + lr[:, None] * HP
+    hrow = hsave + (NET * NSLOT) * N * VW + rows[:, None] * VW
+    scr_tile = scr + pid * (2 * BM * HP) + lr[:, None] * HP
     for r in tl.static_range(N_RES):
         blk = NET * N_RES + r
         vb = vec + blk * (N_MLP + 1) * 2 * VW
@@ -195,17 +195,21 @@ def _step_fwd_kernel(
     rmask = rows < N
     f = tl.arange(0, DP)
     trans = _checkerboard(f, D, K, PARITY)[None, :]
-    ptrs = rows[:, None].to(tl.int64) * D + f[None, :]
+    ptrs = rows[:, None] * D + f[None, :]
     mask = rmask[:, None] & (f < D)[None, :]
-    u = tl.load(u_ptr + ptrs, mask=mask, other=0.0)
-    v = tl.where(trans, 0.0, u)
+    # u is (re)loaded where it is needed rather than held: registers go to the nets' tiles.
+    v = tl.where(trans, 0.0, tl.load(u_ptr + ptrs, mask=mask, other=0.0))
     xs = _net_forward(v, rows, rmask, N, pid, w_in, w_mid, w_out, vec, scr, hsave,
                       0, N_RES, N_MLP, DP, HP, VW, BM, BH, STORE, PREC)
-    th = _tanh(tl.load(sig + f)[None, :] * xs)
+    # tanh(s) waits in y's memory while the T net runs (this thread reads back what it wrote)
+    tl.store(y_ptr + ptrs, _tanh(tl.load(sig + f)[None, :] * xs), mask=mask)
+    v = tl.where(trans, 0.0, tl.load(u_ptr + ptrs, mask=mask, other=0.0))
     xt = _net_forward(v, rows, rmask, N, pid, w_in, w_mid, w_out, vec, scr, hsave,
                       1, N_RES, N_MLP, DP, HP, VW, BM, BH, STORE, PREC)
     t = tl.where(trans, tl.load(sig + DP + f)[None, :] * xt, 0.0)
-    s = tl.where(trans, th, 0.0)
+    tl.debug_barrier()
+    s = tl.where(trans, tl.load(y_ptr + ptrs, mask=mask, other=0.0), 0.0)
+    u = tl.load(u_ptr + ptrs, mask=mask, other=0.0)
     if INVERSE:
         y = tl.where(trans, (u - t) * tl.exp(-s), u)
         ldj = -tl.sum(s, axis=1)
@@ -229,7 +233,7 @@ def _net_backward(
     f = tl.arange(0, DP)
     cols = tl.arange(0, BH)
     NSLOT = N_RES * (N_MLP + 1) + 1
-    hrow = hsave + (NET * NSLOT) * N * VW + rows[:, None].to(tl.int64) * VW
+    hrow = hsave + (NET * NSLOT) * N * VW + rows[:, None] * VW
     x_last = tl.load(hrow + (NSLOT - 1) * N * VW + f[None, :], mask=rmask[:, None], other=0.0)
     tl.store(psig + (pid * 2 + NET) * DP + f, tl.sum(g_o * x_last, axis=0))
     g_x = g_o * tl.load(sig + NET * DP + f)[None, :]
@@ -237,8 +241,8 @@ def _net_backward(
         r = N_RES - 1 - rr
         blk = NET * N_RES + r
         vb = vec + blk * (N_MLP + 1) * 2 * VW
-        pb = pvec + (pid * (2 * N_RES) + blk).to(tl.int64) * ((N_MLP + 1) * VW)
-        grow = gsave + (blk * (N_MLP + 1)) * N * VW + rows[:, None].to(tl.int64) * VW
+        pb = pvec + (pid * (2 * N_RES) + blk) * ((N_MLP + 1) * VW)
+        grow = gsave + (blk * (N_MLP + 1)) * N * VW + rows[:, None] * VW
         slot0 = r * (N_MLP + 1)
         # linear n_mlp (H -> D): its output gradient is g_x/√2, in registers
         g_f = g_x * INV_SQRT2
@@ -299,34 +303,40 @@ def _step_bwd_kernel(
     rmask = rows < N
     f = tl.arange(0, DP)
     trans = _checkerboard(f, D, K, PARITY)[None, :]
-    ptrs = rows[:, None].to(tl.int64) * D + f[None, :]
+    ptrs = rows[:, None] * D + f[None, :]
     mask = rmask[:, None] & (f < D)[None, :]
-    u = tl.load(u_ptr + ptrs, mask=mask, other=0.0)
-    gy = tl.load(gy_ptr + ptrs, mask=mask, other=0.0)
     g_row = tl.load(grow_ptr + rows, mask=rmask, other=0.0)[:, None]
     NSLOT = N_RES * (N_MLP + 1) + 1
-    last = hsave + rows[:, None].to(tl.int64) * VW + f[None, :]
-    xs = tl.load(last + (NSLOT - 1) * N * VW, mask=rmask[:, None], other=0.0)
-    th = _tanh(tl.load(sig + f)[None, :] * xs)
+    last = hsave + rows[:, None] * VW + f[None, :]
+    # S net first; its input gradient goes straight to g_u's memory so that few (BM, DP)
+    # tiles stay live across a net's backward (the T net's inputs are reloaded after)
+    u = tl.load(u_ptr + ptrs, mask=mask, other=0.0)
+    gy = tl.load(gy_ptr + ptrs, mask=mask, other=0.0)
+    th = _tanh(tl.load(sig + f)[None, :] * tl.load(last + (NSLOT - 1) * N * VW, mask=rmask[:, None], other=0.0))
     s = tl.where(trans, th, 0.0)
     if INVERSE:
         xt = tl.load(last + (2 * NSLOT - 1) * N * VW, mask=rmask[:, None], other=0.0)
         t = tl.where(trans, tl.load(sig + DP + f)[None, :] * xt, 0.0)
+        g_s = tl.where(trans, -gy * ((u - t) * tl.exp(-s)) - g_row, 0.0)
+    else:
+        g_s = tl.where(trans, gy * u * tl.exp(s) + g_row, 0.0)
+    g_v = _net_backward(g_s * (1.0 - th * th), rows, rmask, N, pid, w_in, w_mid, w_out, vec, sig,
+                        hsave, gsave, pvec, psig, 0, N_RES, N_MLP, DP, HP, VW, BM, BH, PREC)
+    tl.store(gu_ptr + ptrs, g_v, mask=mask)
+    gy = tl.load(gy_ptr + ptrs, mask=mask, other=0.0)
+    s = tl.where(trans, _tanh(tl.load(sig + f)[None, :] * tl.load(last + (NSLOT - 1) * N * VW, mask=rmask[:, None], other=0.0)), 0.0)
+    if INVERSE:
         e = tl.exp(-s)
-        g_u = tl.where(trans, gy * e, gy)
         g_t = tl.where(trans, -gy * e, 0.0)
-        g_s = tl.where(trans, -gy * ((u - t) * e) - g_row, 0.0)
     else:
         e = tl.exp(s)
-        g_u = tl.where(trans, gy * e, gy)
         g_t = tl.where(trans, gy, 0.0)
-        g_s = tl.where(trans, gy * u * e + g_row, 0.0)
-    g_vs = _net_backward(g_s * (1.0 - th * th), rows, rmask, N, pid, w_in, w_mid, w_out, vec, sig,
-                         hsave, gsave, pvec, psig, 0, N_RES, N_MLP, DP, HP, VW, BM, BH, PREC)
-    g_vt = _net_backward(g_t, rows, rmask, N, pid, w_in, w_mid, w_out, vec, sig,
-                         hsave, gsave, pvec, psig, 1, N_RES, N_MLP, DP, HP, VW, BM, BH, PREC)
-    g_u = tl.where(trans, g_u, g_u + g_vs + g_vt)
-    tl.store(gu_ptr + ptrs, g_u, mask=mask)
+    g_v = _net_backward(g_t, rows, rmask, N, pid, w_in, w_mid, w_out, vec, sig,
+                        hsave, gsave, pvec, psig, 1, N_RES, N_MLP, DP, HP, VW, BM, BH, PREC)
+    tl.debug_barrier()
+    g_v += tl.load(gu_ptr + ptrs, mask=mask, other=0.0)
+    gy = tl.load(gy_ptr + ptrs, mask=mask, other=0.0)
+    tl.store(gu_ptr + ptrs, tl.where(trans, gy * e, gy + g_v), mask=mask)
 
 
 @triton.jit
@@ -346,8 +356,8 @@ def _wgrad_kernel(
     c = tl.program_id(1) * BI + tl.arange(0, BI)
     gslot = (net * N_RES + r) * (N_MLP + 1) + i
     hslot = net * (N_RES * (N_MLP + 1) + 1) + r * (N_MLP + 1) + i
-    g_base = gsave + gslot.to(tl.int64) * N * VW
-    h_base = hsave + hslot.to(tl.int64) * N * VW
+    g_base = gsave + gslot * N * VW
+    h_base = hsave + hslot * N * VW
     omask = o < OUT_W
     cmask = c < IN_W
     beta = tl.load(vec + gslot * 2 * VW + c, mask=cmask, other=0.0)[None, :]
@@ -355,12 +365,12 @@ def _wgrad_kernel(
     for n0 in range(0, N, BN):
         n = n0 + tl.arange(0, BN)
         nmask = n < N
-        g = tl.load(g_base + n[None, :].to(tl.int64) * VW + o[:, None],
+        g = tl.load(g_base + n[None, :] * VW + o[:, None],
                     mask=nmask[None, :] & omask[:, None], other=0.0)
-        h = tl.load(h_base + n[:, None].to(tl.int64) * VW + c[None, :],
+        h = tl.load(h_base + n[:, None] * VW + c[None, :],
                     mask=nmask[:, None] & cmask[None, :], other=0.0)
         acc = _mm(g, _swish(h, beta), acc, PREC)
-    tl.store(out + z.to(tl.int64) * (OUT_W * IN_W) + o[:, None] * IN_W + c[None, :], acc,
+    tl.store(out + z * (OUT_W * IN_W) + o[:, None] * IN_W + c[None, :], acc,
              mask=omask[:, None] & cmask[None, :])
 
 
