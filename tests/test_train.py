@@ -237,3 +237,112 @@ def test_other_bad_flags(tmp_path, finished_run, capsys):
     assert main(["sample", "--checkpoint", str(ckpt), "--temperature", "1", "1", "--out", str(tmp_path / "s.png")]) == 2
     assert "needs one value per RG level" in capsys.readouterr().err
     assert not any((tmp_path / name).exists() for name in ("a", "b", "s.png"))
+
+
+# ------------------------------------------------------------------ what a new user runs into
+
+
+def test_folder_without_checkpoint_starts_afresh(tmp_path, seed, capsys):
+    """A run killed before its first checkpoint leaves config.json and metrics.jsonl: not a
+    run, so both a plain rerun and --resume start afresh there."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    (out / "metrics.jsonl").write_text('{"step": 1, "bpd": 9.0}\n')
+    assert main(["train", *TINY, "--seed", str(seed), "--out", str(out), "--steps", "2", "--ckpt-every", "2"]) == 0
+    assert [r["step"] for r in _metrics(out)] == [2]
+    (out / "checkpoints" / "step_00000002.pt").unlink()
+    assert main(["train", *TINY, "--seed", str(seed), "--out", str(out), "--steps", "2", "--resume"]) == 0
+    assert "holds no checkpoint" in capsys.readouterr().out
+    assert json.loads((out / "config.json").read_text())["steps"] == 2
+
+
+def test_backend_that_cannot_run_here_fails_before_writing(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    out = tmp_path / "run"
+    flags = [a for a in TINY if a != "torch"]
+    flags.remove("--backend")
+    assert main(["train", *flags, "--out", str(out), "--steps", "2", "--backend", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rgflow-fast train: error: --backend cuda") and err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_info_says_what_each_backend_runs_on(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    if not torch.cuda.is_available() and "triton" in out:
+        assert "triton (interpreter only" in out or "triton (loads, but cannot run" in out
+
+
+def test_progress_lines_without_a_terminal(tmp_path, seed, capsys, monkeypatch):
+    monkeypatch.setattr("rgflow_fast.training.progress.LOG_SECONDS", 0.0)
+    flags = [a for a in TINY if a != "--quiet"]
+    assert main(["train", *flags, "--seed", str(seed), "--out", str(tmp_path / "run"), "--steps", "3",
+                 "--ckpt-every", "3", "--threads", "1"]) == 0
+    captured = capsys.readouterr()
+    assert [line.split(",")[0] for line in captured.err.splitlines() if line.startswith("train:")] == [
+        "train: 1/3 steps", "train: 2/3 steps", "train: 3/3 steps"]
+    assert "with 1 thread(s)" in captured.out and "step 3/3: bits/dim" in captured.out
+
+
+def test_files_respect_the_umask(tmp_path, seed):
+    old = os.umask(0o022)
+    try:
+        run = _tiny_run(tmp_path, seed, "--steps", "2", "--ckpt-every", "2")
+    finally:
+        os.umask(old)
+    for path in [run / "config.json", run / "metrics.jsonl", run / "bpd.png",
+                 run / "samples" / "step_00000002.png", run / "checkpoints" / "step_00000002.pt"]:
+        assert path.stat().st_mode & 0o777 == 0o644, path
+
+
+def test_python_users_load_a_run(finished_run):
+    import rgflow_fast as rf
+
+    model = rf.load_model(finished_run / "checkpoints" / "step_00000002.pt")
+    pixels = rf.transforms.to_pixels(model.sample(3, temperature=1.5))
+    assert pixels.shape == (3, 3, 32, 32) and pixels.min() >= 0 and pixels.max() <= 1
+
+
+def test_generated_dataset_rejects_data_dir(tmp_path, capsys):
+    assert main(["train", *TINY, "--out", str(tmp_path / "run"), "--data-dir", "/nonexistent"]) == 2
+    assert "msds1 is generated and reads no files: drop --data-dir" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_untrusted_checkpoint_is_refused_with_the_reason(tmp_path, capsys):
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "ran"),))
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": "rgflow_fast/1", "x": Payload()}, evil)
+    noise = tmp_path / "noise.pt"
+    noise.write_bytes(os.urandom(4096))
+    for path, message in [(evil, "was refused"), (noise, "is corrupt or not a rgflow_fast checkpoint")]:
+        assert main(["sample", "--checkpoint", str(path), "--out", str(tmp_path / "s.png")]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "weights_only=False" not in err and err.count("\n") == 1, err
+    assert not (tmp_path / "ran").exists()
+
+
+def test_resumed_banner_and_cumulative_time(finished_run, capsys):
+    capsys.readouterr()
+    assert main(["train", "--out", str(finished_run), "--resume", "--steps", "4", "--backend", "torch"]) == 0
+    out = capsys.readouterr().out
+    assert "resumed at step 2 from" in out and "step_00000002.pt" in out
+    times = [r["time"] for r in _metrics(finished_run)]
+    assert times == sorted(times)
+
+
+def test_float64_end_to_end(tmp_path, seed):
+    run = _tiny_run(tmp_path, seed, "--steps", "2", "--ckpt-every", "2", "--dtype", "float64")
+    ckpt = run / "checkpoints" / "step_00000002.pt"
+    model = load_model(ckpt)
+    assert all(p.dtype == torch.float64 for p in model.parameters())
+    assert json.loads((run / "config.json").read_text())["dtype"] == "float64"
+    assert main(["sample", "--checkpoint", str(ckpt), "--n", "2", "--out", str(tmp_path / "s.png")]) == 0
+    assert main(["eval", "--checkpoint", str(ckpt), "--batch-size", "8"]) == 0
+    assert main(["train", "--out", str(run), "--resume", "--steps", "3", "--quiet", "--backend", "torch"]) == 0
