@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import torch
@@ -12,7 +11,8 @@ from .. import analysis, backends
 from ..data import require_torchvision
 from ..geometry import latent_levels
 from ..training import RunError
-from ..training.outputs import load_for_command, save_grid
+from ..training.outputs import load_for_command, save_grid, save_pixels
+from ..training.progress import Progress
 from ..transforms import logit_transform
 from . import add_system_flags, guard, setup
 
@@ -59,26 +59,22 @@ def _analyse(func, *args, **kwargs):
 
 def _receptive_fields(args) -> int:
     model = _load(args)
-    tv = require_torchvision()
     L, C, k = model.image_size, model.channels, model.kernel_size
     out = Path(args.out)
     levels = latent_levels(L, k)
-    picks, counts = [], []
-    for h in range(model.n_levels):
-        positions = (levels == h).nonzero()[torch.randperm(int((levels == h).sum()))[: args.per_level]]
-        picks += [(int(torch.randint(C, ())), int(i), int(j)) for i, j in positions]
-        counts.append(len(positions))
-    print(f"computing {len(picks)} receptive fields over {args.samples} prior samples ...", flush=True)
-    with backends.use_backend(args.backend):
-        fields = _analyse(analysis.receptive_fields, model, picks, args.samples, temperature=args.temperature,
-                          batch_size=args.batch_size)
-    # as in paper Figs. 10-13 each field is scaled to unit size, shown as 0.5 + 0.5·RF/max|RF|
-    scaled = fields / fields.flatten(1).abs().amax(dim=1).clamp_min(1e-30)[:, None, None, None]
     out.mkdir(parents=True, exist_ok=True)
-    for h, tiles in enumerate(scaled.split(counts)):
-        path = out / f"receptive_fields_level{h}.png"
-        tv.utils.save_image((0.5 + 0.5 * tiles).float().cpu(), path, nrow=math.ceil(math.sqrt(len(tiles))), padding=1)
-        print(f"level {h}: {len(tiles)} receptive fields -> {path}")
+    with backends.use_backend(args.backend), Progress(model.n_levels, "receptive fields", unit="level") as bar:
+        for h in range(model.n_levels):
+            positions = (levels == h).nonzero()[torch.randperm(int((levels == h).sum()))[: args.per_level]]
+            picks = [(int(torch.randint(C, ())), int(i), int(j)) for i, j in positions]
+            fields = _analyse(analysis.receptive_fields, model, picks, args.samples, temperature=args.temperature,
+                              batch_size=args.batch_size)
+            # as in paper Figs. 10-13 each field is scaled to unit size, shown as 0.5 + 0.5·RF/max|RF|
+            tiles = fields / fields.flatten(1).abs().amax(dim=1).clamp_min(1e-30)[:, None, None, None]
+            path = out / f"receptive_fields_level{h}.png"
+            save_pixels(path, 0.5 + 0.5 * tiles, padding=1)
+            bar.update()
+            bar.write(f"level {h}: {len(tiles)} receptive fields -> {path}")
     if args.strengths:
         with backends.use_backend(args.backend):
             strengths = _analyse(analysis.receptive_field_strengths, model, args.samples,

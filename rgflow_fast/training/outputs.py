@@ -16,7 +16,7 @@ from ..model import RGFlow
 from ..transforms import to_pixels
 from .errors import RunError
 
-__all__ = ["RunFolder", "save_grid", "save_figure", "plot_bpd", "read_checkpoint", "load_for_command"]
+__all__ = ["RunFolder", "save_pixels", "save_grid", "save_figure", "plot_bpd", "read_checkpoint", "load_for_command"]
 
 
 def read_checkpoint(path, device="cpu") -> tuple[RGFlow, dict]:
@@ -36,15 +36,20 @@ def load_for_command(path, device) -> RGFlow:
     return model.eval()
 
 
-def save_grid(path, images: torch.Tensor, nrow: int | None = None, padding: int = 2) -> Path:
-    """Save logit-space images ``(n, C, L, L)`` as one PNG grid (``nrow`` per row; default
-    a square grid), written atomically."""
+def save_pixels(path, pixels: torch.Tensor, nrow: int | None = None, padding: int = 2) -> Path:
+    """Save images ``(n, C, L, L)`` with values in ``[0, 1]`` as one PNG grid (``nrow`` per
+    row; default a square grid), written atomically."""
     tv = require_torchvision()
-    if images.shape[0] == 0:
+    if pixels.shape[0] == 0:
         raise RunError("no images to save (a batch of 0 images)")
-    pixels = to_pixels(images.detach().float()).cpu()
-    nrow = nrow or math.isqrt(images.shape[0] - 1) + 1
+    pixels = pixels.detach().float().cpu()
+    nrow = nrow or math.isqrt(pixels.shape[0] - 1) + 1
     return atomic_write(path, lambda f: tv.utils.save_image(pixels, f, nrow=nrow, padding=padding, format="png"))
+
+
+def save_grid(path, images: torch.Tensor, nrow: int | None = None, padding: int = 2) -> Path:
+    """Save logit-space images ``(n, C, L, L)`` (what the model samples) as one PNG grid."""
+    return save_pixels(path, to_pixels(images.detach().float()), nrow, padding)
 
 
 def save_figure(path, figure) -> Path:
