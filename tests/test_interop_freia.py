@@ -13,7 +13,7 @@ import rgflow_fast as rf  # noqa: E402
 from rgflow_fast.interop.freia import CheckerboardCouplingBlock, RGFlowBlock  # noqa: E402
 
 from conftest import assert_training_lowers_loss, randomize_  # noqa: E402
-from test_nn import coupling_by_hand  # noqa: E402
+from test_nn import coupling_by_hand, harness_tolerance  # noqa: E402
 
 TOL = dict(rtol=1e-10, atol=1e-10)
 
@@ -207,6 +207,73 @@ def test_training_inside_sequence_inn_lowers_the_loss(seed):
         return (0.5 * z.pow(2).flatten(1).sum(1) - log_jac_det).mean() / (C * L * L)
 
     assert_training_lowers_loss(loss_fn, inn, C, L)
+
+
+def conditional_graph(dtype, C=2, L=8):
+    """FrEIA's ConditioningTest graph with our modules: a whole RG-Flow, then a checkerboard
+    coupling conditioned on an image condition, then a conditional coupling on RG patches
+    conditioned on a vector, between FrEIA's own ActNorm and i-RevNet squeeze."""
+
+    class PatchNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(C * 16 + 5, 2 * C * 16)
+
+        def forward(self, v, context):
+            out = self.linear(torch.cat([v.flatten(1), context], dim=1))
+            return out.view(v.shape[0], 2 * C, 4, 4)
+
+    model = small_model(C, L)
+    inp = Ff.InputNode(C, L, L, name="input")
+    c1 = Ff.ConditionNode(1, L, L, name="c1")
+    c2 = Ff.ConditionNode(5, name="c2")
+    nodes = [inp]
+    nodes.append(Ff.Node(nodes[-1], RGFlowBlock, {"model": model}, name="rgflow"))
+    nodes.append(Ff.Node(nodes[-1], Fm.ActNorm, {}, name="actnorm"))
+    nodes.append(Ff.Node(nodes[-1], CheckerboardCouplingBlock, {"subnet_constructor": conv_subnet},
+                         conditions=c1, name="checkerboard::c1"))
+    coupling = rf.nn.CheckerboardAffineCoupling(PatchNet(), parity=1, kernel_size=4, dilation=2, offset=2)
+    nodes.append(Ff.Node(nodes[-1], RGFlowBlock, {"model": coupling}, conditions=c2, name="patches::c2"))
+    nodes.append(Ff.Node(nodes[-1], Fm.IRevNetDownsampling, {}, name="squeeze"))
+    nodes.append(Ff.OutputNode(nodes[-1], name="output"))
+    inn = Ff.GraphINN(nodes + [c1, c2]).to(dtype)  # the subnets' default init is random, not identity
+    batch = 4
+    x = 2 * torch.randn(batch, C, L, L, dtype=dtype)
+    c = [torch.randn(batch, 1, L, L, dtype=dtype), torch.randn(batch, 5, dtype=dtype)]
+    inn(x, c=c)  # ActNorm initialises itself from the first batch
+    return inn, x, c
+
+
+# FrEIA's own harness (tests/test_conditioning.py, ConditioningTest; not installed with the
+# library) written out: output shape and type, wrong conditions raise, inversion, and the
+# log-det against FrEIA's numerical Jacobian (rtol 0.03, as there); plus a float64
+# brute-force Jacobian, tight.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_freia_conditioning_harness(seed, dtype):
+    inn, x, c = conditional_graph(dtype)
+    z, log_jac_det = inn(x, c=c)
+    assert isinstance(z, torch.Tensor) and z.shape == (4, 8, 4, 4) and z.dtype == dtype
+    assert log_jac_det.shape == (4,)
+    with pytest.raises(Exception):
+        inn(x, c=[c[1], c[0]])
+    with pytest.raises(Exception):
+        inn(x, c=[c[0], torch.randn(4, 9, dtype=dtype)])
+    with pytest.raises(Exception):
+        inn(x, c=[torch.randn(4, 1, 8, 9, dtype=dtype), c[1]])
+    x_back, log_jac_det_rev = inn(z, c=c, rev=True)
+    tol = harness_tolerance(log_jac_det, dtype)
+    torch.testing.assert_close(x_back, x, **tol)
+    torch.testing.assert_close(log_jac_det + log_jac_det_rev, torch.zeros_like(log_jac_det), **tol)
+    with torch.no_grad():  # see docs/interop_freia.md: with grad on, its result holds every pass's graph
+        numerical = inn.log_jacobian_numerical(x, c=c, h=1e-3)
+    torch.testing.assert_close(numerical.to(dtype), log_jac_det.detach(), rtol=0.03, atol=float("inf"))
+    if dtype == torch.float64:
+        for b in range(2):
+            jacobian = torch.autograd.functional.jacobian(
+                lambda v: inn(v, c=[ci[b : b + 1] for ci in c])[0], x[b : b + 1]
+            ).reshape(x[0].numel(), x[0].numel())
+            torch.testing.assert_close(torch.linalg.slogdet(jacobian)[1], log_jac_det[b].detach(),
+                                       rtol=1e-12, atol=1e-12)
 
 
 def test_bad_construction_says_what_to_do():
