@@ -168,14 +168,15 @@ def _net_forward(
                 tl.store(dst + oc[None, :], a.to(scr.dtype.element_ty))
             tl.debug_barrier()
         # linear n_mlp (H -> D) into registers, then the residual
+        # (loop variables are named per loop: Triton carries a name defined before a loop)
         src = scr_tile + ((N_MLP - 1) % 2) * (BM * HP)
-        acc = tl.zeros((BM, DP), x.dtype)
+        acc_o = tl.zeros((BM, DP), x.dtype)
         for kk in range(0, HP, BH):
             kc = kk + cols
-            a = tl.load(src + kc[None, :], cache_modifier=".cg")
-            w = tl.load(w_out + blk * (DP * HP) + f[None, :] * HP + kc[:, None])
-            acc = _mm(a, w, acc, PREC)
-        x = (x + (acc + tl.load(vb + (2 * N_MLP + 1) * VW + f)[None, :])) * INV_SQRT2
+            a_o = tl.load(src + kc[None, :], cache_modifier=".cg")
+            w_o = tl.load(w_out + blk * (DP * HP) + f[None, :] * HP + kc[:, None])
+            acc_o = _mm(a_o, w_o, acc_o, PREC)
+        x = (x + (acc_o + tl.load(vb + (2 * N_MLP + 1) * VW + f)[None, :])) * INV_SQRT2
         tl.debug_barrier()  # the next block overwrites the scratch this one just read
     if STORE:
         tl.store(hrow + (NSLOT - 1) * N * VW + f[None, :], x, mask=rmask[:, None])
@@ -276,15 +277,15 @@ def _net_backward(
                 tl.store(grow + (i - 1) * N * VW + oc[None, :], g_h, mask=rmask[:, None])
             tl.debug_barrier()
         # linear 0 (D -> H): back into registers, through swish(x_r), plus the skip path
-        acc = tl.zeros((BM, DP), g_x.dtype)
+        acc_i = tl.zeros((BM, DP), g_x.dtype)
         for kk in range(0, HP, BH):
             kc = kk + cols
-            g = tl.load(grow + kc[None, :], mask=rmask[:, None], other=0.0, cache_modifier=".cg")
-            w = tl.load(w_in + blk * (HP * DP) + kc[:, None] * DP + f[None, :])
-            acc = _mm(g.to(w_in.dtype.element_ty), w, acc, PREC)
+            g_i = tl.load(grow + kc[None, :], mask=rmask[:, None], other=0.0, cache_modifier=".cg")
+            w_i = tl.load(w_in + blk * (HP * DP) + kc[:, None] * DP + f[None, :])
+            acc_i = _mm(g_i.to(w_in.dtype.element_ty), w_i, acc_i, PREC)
         x_r = tl.load(hrow + slot0 * N * VW + f[None, :], mask=rmask[:, None], other=0.0)
-        g_in, g_beta = _swish_grads(acc, x_r, tl.load(vb + f)[None, :])
-        tl.store(pb + f, tl.sum(g_beta, axis=0))
+        g_in, g_beta0 = _swish_grads(acc_i, x_r, tl.load(vb + f)[None, :])
+        tl.store(pb + f, tl.sum(g_beta0, axis=0))
         g_x = g_x * INV_SQRT2 + g_in
     return g_x
 
