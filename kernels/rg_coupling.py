@@ -53,14 +53,15 @@ from triton.runtime.interpreter import InterpretedFunction
 
 from rgflow_fast.geometry import blocks_per_side
 
-__all__ = ["INTERPRETED", "gather", "scatter", "coupling", "coupling_backward", "KERNELS"]
+__all__ = ["INTERPRETED", "KERNELS", "gather", "scatter", "coupling", "coupling_backward", "tanh"]
 
 _BLOCK_MAX = 1024
 
 
 @triton.jit
-def _tanh(s):
-    # tl has no tanh on every supported Triton version; this form never overflows.
+def tanh(s):
+    """``tanh s`` (tl has no tanh on every supported Triton version); this form never
+    overflows. Other kernel families import it from here."""
     e = tl.exp(-2.0 * tl.abs(s))
     th = (1.0 - e) / (1.0 + e)
     return tl.where(s < 0, -th, th)
@@ -89,9 +90,17 @@ def _pixel_site(C, L, off, M, K: tl.constexpr, D: tl.constexpr, BLOCK: tl.conste
 
 
 @triton.jit
-def _transformed(inside, a, bb, PARITY: tl.constexpr):
-    # parity 0 transforms a+b odd, parity 1 a+b even
-    return inside & (((a + bb) % 2) != PARITY)
+def _step_site(s_ptr, t_ptr, C, L, off, M, ssr, ssc, ssh, ssw, str_, stc, sth, stw,
+               PARITY: tl.constexpr, ACC: tl.constexpr, K: tl.constexpr, D: tl.constexpr,
+               BLOCK: tl.constexpr):
+    """:func:`_pixel_site` for a coupling step, plus the pixels it transforms (parity 0:
+    a+b odd, parity 1: a+b even) and, there, its ``tanh s`` and ``t`` in the compute type
+    (0 elsewhere): ``(bc, b, c, idx, valid, i, j, inside, row, a, bb, transformed, th, t)``."""
+    bc, b, c, idx, valid, i, j, inside, row, a, bb = _pixel_site(C, L, off, M, K, D, BLOCK)
+    transformed = inside & (((a + bb) % 2) != PARITY)
+    s = tl.load(s_ptr + row * ssr + c * ssc + a * ssh + bb * ssw, mask=transformed, other=0.0)
+    t = tl.load(t_ptr + row * str_ + c * stc + a * sth + bb * stw, mask=transformed, other=0.0)
+    return bc, b, c, idx, valid, i, j, inside, row, a, bb, transformed, tanh(s.to(ACC)), t.to(ACC)
 
 
 @triton.jit
@@ -133,20 +142,16 @@ def _scatter_kernel(
 @triton.jit
 def _coupling_kernel(
     x_ptr, s_ptr, t_ptr, y_ptr, v_ptr, ldj_ptr, C, L, off, M,
-    sxb, sxc, sxh, sxw,
-    ssr, ssc, ssh, ssw,
-    str_, stc, sth, stw,
+    sxb, sxc, sxh, sxw, ssr, ssc, ssh, ssw, str_, stc, sth, stw,  # strides of x, s, t
     PARITY: tl.constexpr, INVERSE: tl.constexpr, EMIT: tl.constexpr,
     ACC: tl.constexpr, K: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # y = x·exp(tanh s) + t (inverse: (x - t)·exp(-tanh s)) on the transformed half, x
     # elsewhere; v (if EMIT) = y on the transformed half, 0 on the rest of each patch.
-    bc, b, c, idx, valid, i, j, inside, row, a, bb = _pixel_site(C, L, off, M, K, D, BLOCK)
-    transformed = _transformed(inside, a, bb, PARITY)
+    bc, b, c, idx, valid, i, j, inside, row, a, bb, transformed, th, t = _step_site(
+        s_ptr, t_ptr, C, L, off, M, ssr, ssc, ssh, ssw, str_, stc, sth, stw, PARITY, ACC, K, D, BLOCK
+    )
     x = tl.load(x_ptr + b * sxb + c * sxc + i * sxh + j * sxw, mask=valid, other=0.0)
-    s = tl.load(s_ptr + row * ssr + c * ssc + a * ssh + bb * ssw, mask=transformed, other=0.0).to(ACC)
-    t = tl.load(t_ptr + row * str_ + c * stc + a * sth + bb * stw, mask=transformed, other=0.0).to(ACC)
-    th = _tanh(s)
     xa = x.to(ACC)
     if INVERSE:
         ya = (xa - t) * tl.exp(-th)
@@ -166,12 +171,8 @@ def _coupling_kernel(
 @triton.jit
 def _coupling_backward_kernel(
     x_ptr, s_ptr, t_ptr, gy_ptr, gl_ptr, gv_ptr, gx_ptr, gs_ptr, gt_ptr, C, L, off, M,
-    sxb, sxc, sxh, sxw,
-    ssr, ssc, ssh, ssw,
-    str_, stc, sth, stw,
-    sgb, sgc, sgh, sgw,
-    sgl,
-    svr, svc, svh, svw,
+    sxb, sxc, sxh, sxw, ssr, ssc, ssh, ssw, str_, stc, sth, stw,  # strides of x, s, t
+    sgb, sgc, sgh, sgw, sgl, svr, svc, svh, svw,  # strides of g_y, g_ldj, g_v
     PARITY: tl.constexpr, INVERSE: tl.constexpr, HAS_GV: tl.constexpr,
     ACC: tl.constexpr, K: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
 ):
@@ -181,18 +182,16 @@ def _coupling_backward_kernel(
     #   inverse: g_y = g·e', g_t = -g·e',  g_s = -(g·x' + g_ldj)·(1 - tanh²s), e' = exp(-tanh s),
     #            x' = (y - t)·e'
     # and g_x = g_y, g_s = g_t = 0 off the transformed half.
-    bc, b, c, idx, valid, i, j, inside, row, a, bb = _pixel_site(C, L, off, M, K, D, BLOCK)
-    transformed = _transformed(inside, a, bb, PARITY)
+    bc, b, c, idx, valid, i, j, inside, row, a, bb, transformed, th, t = _step_site(
+        s_ptr, t_ptr, C, L, off, M, ssr, ssc, ssh, ssw, str_, stc, sth, stw, PARITY, ACC, K, D, BLOCK
+    )
     gy = tl.load(gy_ptr + b * sgb + c * sgc + i * sgh + j * sgw, mask=valid, other=0.0)
     x = tl.load(x_ptr + b * sxb + c * sxc + i * sxh + j * sxw, mask=transformed, other=0.0).to(ACC)
-    s = tl.load(s_ptr + row * ssr + c * ssc + a * ssh + bb * ssw, mask=transformed, other=0.0).to(ACC)
-    t = tl.load(t_ptr + row * str_ + c * stc + a * sth + bb * stw, mask=transformed, other=0.0).to(ACC)
     gl = tl.load(gl_ptr + b * sgl).to(ACC)
     g = gy.to(ACC)
     if HAS_GV:
         gv = tl.load(gv_ptr + row * svr + c * svc + a * svh + bb * svw, mask=transformed, other=0.0)
         g = g + gv.to(ACC)
-    th = _tanh(s)
     dth = 1.0 - th * th
     if INVERSE:
         e = tl.exp(-th)

@@ -129,7 +129,6 @@ def _build(part: str) -> str | None:
     """Just-in-time build and load of one part; None on success, else why it failed."""
     cpp_extension = _cpp_extension()
 
-    name = PARTS[part].jit_name
     src = source_dir()
     if src is None:
         return "its C++ sources (csrc/) are missing from this installation; reinstall rgflow-fast"
@@ -151,17 +150,17 @@ def _build(part: str) -> str | None:
                 f"it from the nvcc on PATH, which may be a wrapper script): set CUDA_HOME to the "
                 f"toolkit folder, the one with bin/nvcc and lib64/libcudart.so"
             )
-    if not _is_cached(name, src):
+    if not _is_cached(part, src):
         print(
-            f"rgflow_fast: building the {part.upper()} extension (first use only, {PARTS[part].first_build}; "
-            f"cached in torch's extension folder)...",
+            f"rgflow_fast: building the {part.upper()} extension (first use only, "
+            f"{PARTS[part].first_build}; cached in torch's extension folder)...",
             file=sys.stderr,
             flush=True,
         )
     flags = compile_args()
     try:
         cpp_extension.load(
-            name=name,
+            name=PARTS[part].jit_name,
             sources=[str(src / f) for f in PARTS[part].sources],
             extra_include_paths=[str(src)],
             extra_cflags=flags["cxx"],
@@ -182,15 +181,16 @@ def _build(part: str) -> str | None:
     return None
 
 
-def _is_cached(name: str, src: Path) -> bool:
-    """Whether a just-in-time build newer than the sources exists (only chooses whether the
-    progress line is printed; torch decides what to rebuild)."""
+def _is_cached(part: str, src: Path) -> bool:
+    """Whether a just-in-time build of ``part`` newer than its sources and the headers exists
+    (only chooses whether the progress line is printed; torch decides what to rebuild)."""
     cpp_extension = _cpp_extension()
-
+    name = PARTS[part].jit_name
     try:
         build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
     except Exception:  # a private helper of torch; if it moves, just print the line
         return False
     built = [p.stat().st_mtime for p in build_dir.glob(f"{name}*") if p.suffix in (".so", ".pyd")]
-    newest_source = max(p.stat().st_mtime for p in src.iterdir())
+    inputs = [src / f for f in PARTS[part].sources] + list(src.glob("*.h"))
+    newest_source = max((p.stat().st_mtime for p in inputs if p.is_file()), default=0.0)
     return bool(built) and max(built) >= newest_source

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from . import backends
-from .geometry import check_patch_geometry
+from .geometry import check_patch_geometry, num_patches
 
 __all__ = [
     "rg_gather",
@@ -45,14 +45,15 @@ def check_image(x, name="x"):
 def check_patches(p, x, kernel_size, dilation, offset, name):
     """Raise unless the block geometry is valid for image ``x`` and ``p`` is its patch tensor
     ``(B*P, C, k, k)`` with ``x``'s dtype and device."""
-    m = check_patch_geometry(x.shape[-1], kernel_size, dilation, offset)
-    expected = (x.shape[0] * m * m, x.shape[1], kernel_size, kernel_size)
+    check_patch_geometry(x.shape[-1], kernel_size, dilation, offset)
+    P = num_patches(x.shape[-1], kernel_size, dilation)
+    expected = (x.shape[0] * P, x.shape[1], kernel_size, kernel_size)
     if not isinstance(p, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor; got {type(p).__name__}")
     if tuple(p.shape) != expected:
         raise ValueError(
             f"{name} must have shape (B*P, C, k, k) = {expected} for an image of shape "
-            f"{tuple(x.shape)} (P = (L/(k*d))**2 = {m * m}); got {tuple(p.shape)}"
+            f"{tuple(x.shape)} (P = (L/(k*d))**2 = {P}); got {tuple(p.shape)}"
         )
     if p.dtype != x.dtype or p.device != x.device:
         raise ValueError(

@@ -1,7 +1,15 @@
 import pytest
 import torch
 
-from rgflow_fast.geometry import block_specs, latent_levels, num_levels, patch_indices
+from rgflow_fast.geometry import (
+    block_specs,
+    blocks_per_side,
+    checkerboard,
+    latent_levels,
+    num_levels,
+    num_patches,
+    patch_indices,
+)
 
 
 @pytest.mark.parametrize("L,k,n", [(4, 4, 1), (8, 4, 2), (32, 4, 4), (16, 2, 4), (2, 2, 1), (64, 8, 4)])
@@ -27,6 +35,23 @@ def test_block_specs_order():
         (0, 1, 0, 8), (0, 1, 2, 8), (1, 2, 0, 4), (1, 2, 4, 4),
         (2, 4, 0, 2), (2, 4, 8, 2), (3, 8, 0, 1), (3, 8, 16, 1),
     ]
+    for s in specs:
+        assert s.blocks_per_side == blocks_per_side(32, 4, s.dilation)
+        assert s.num_patches == num_patches(32, 4, s.dilation) == s.blocks_per_side**2
+
+
+@pytest.mark.parametrize("k", [2, 4])
+@pytest.mark.parametrize("parity", [0, 1])
+def test_checkerboard_masks_are_built_once_per_dtype_and_device(k, parity):
+    like = torch.zeros(1, dtype=torch.float64)
+    with torch.inference_mode():  # a mask first built here must still be usable by autograd
+        mask = checkerboard(k, parity, like)
+    a = torch.arange(k)
+    assert torch.equal(mask, (((a[:, None] + a[None, :]) % 2) == 1 - parity).double())
+    assert not mask.is_inference() and mask.dtype == torch.float64
+    assert checkerboard(k, parity, like) is mask
+    assert checkerboard(k, parity, like.float()).dtype == torch.float32
+    assert torch.equal(checkerboard(k, 1 - parity, like), 1 - mask)
 
 
 @pytest.mark.parametrize("L,k,d,off", [(8, 2, 1, 0), (8, 2, 2, 2), (16, 4, 2, 4), (16, 4, 4, 8), (12, 2, 3, 5)])

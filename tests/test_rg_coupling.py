@@ -1,7 +1,7 @@
 """The rg_coupling family (gather, scatter, coupling, inverse, coupling step) on every fast
 backend against the reference (backend "torch"): values and all gradients, float32 and
-float64, random geometries and non-contiguous inputs; gradcheck; the Triton custom ops'
-opcheck; dispatch errors.
+float64, random geometries and non-contiguous inputs; half precision where a backend runs
+it; gradcheck; the Triton custom ops' opcheck; dispatch errors.
 
 On a machine without CUDA the Triton kernels run in Triton's interpreter (conftest sets
 TRITON_INTERPRET=1), which is slow: sizes stay tiny.
@@ -184,14 +184,12 @@ class TestTritonOps:
                 rgf.rg_gather(torch.zeros(1, 1, 4, 4, dtype=dtype), 2, 1, 0)
 
 
-@pytest.mark.gpu
 @pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)])
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
-def test_half_precision_on_cuda(seed, backend, dtype, tol):
+def test_half_precision(seed, backend, device, dtype, tol):
     # half inputs, computed in float32 and rounded once per output: compared with the
-    # reference on the same (exactly representable) values in float32
-    skip_unless_device("cuda")
-    x, s, t = case(16, 4, 1, "cuda", torch.float32)
+    # reference on the same (exactly representable) values in float64
+    x, s, t = case(16, 4, 1, device, torch.float32)
     x, s, t = (v.to(dtype) for v in (x, s, t))
     reason = backends._load(backend)[0].unsupported_reason(x)
     if reason is not None:
@@ -199,8 +197,8 @@ def test_half_precision_on_cuda(seed, backend, dtype, tol):
     with rf.use_backend(backend):
         y, ldj, v = rgf.rg_coupling_step(x, s, t, 4, 1, 2, 1, False)
     with rf.use_backend("torch"):
-        y32, ldj32, v32 = rgf.rg_coupling_step(x.float(), s.float(), t.float(), 4, 1, 2, 1, False)
-    for got, want in ((y, y32), (v, v32)):
+        y64, ldj64, v64 = rgf.rg_coupling_step(x.double(), s.double(), t.double(), 4, 1, 2, 1, False)
+    for got, want in ((y, y64), (v, v64)):
         assert got.dtype == dtype
-        torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
-    torch.testing.assert_close(ldj.float(), ldj32, rtol=tol, atol=tol * ldj32.abs().max().item())
+        torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+    torch.testing.assert_close(ldj.double(), ldj64, rtol=tol, atol=tol * ldj64.abs().max().item())
