@@ -35,9 +35,9 @@ scatter                    patches: N, x: E - N                    out: E
 Per step that is ``2E + 3N`` forward and ``3E + 5N`` backward (sector level): at level 0
 (d=1, N=E) 5 and 8 image passes, 20 and 32 bytes per pixel in float32. Above level 0 the
 image-wide copy dominates (measured forward sectors: d=2 2.75, d=4 2.19, d=8 2.05 passes),
-so the model (``RGBlock._run``) runs those blocks' steps on the gathered patch tensor as a
-batch of k×k images (5N forward per step, plus one gather and one scatter per block). The
-reference does one step as 19 eager kernels on the patch tensor, 24 passes of N at level 0,
+so several steps on one block are cheaper on the gathered patch tensor, seen as a batch of
+k×k images (geometry ``k, 1, 0``: 5N forward per step, plus one gather and one scatter per
+block). The reference does one step as 19 eager kernels on the patch tensor, 24 passes of N at level 0,
 plus a gather and a clone + scatter (9.3 passes) per block. A whole forward of a 32×32 model
 with the paper's layer counts (8, 6, 4, 2) moves 172 image passes through these kernels
 (87 read, 85 written, element count).

@@ -51,7 +51,9 @@ class Part(NamedTuple):
 
 # device type -> its part of the extension
 PARTS = {
-    "cpu": Part("rgflow_fast._C", "rgflow_fast_cpu", ("rg_coupling.cpp", "rg_coupling_layer.cpp"), "about a minute"),
+    "cpu": Part(
+        "rgflow_fast._C", "rgflow_fast_cpu", ("rg_coupling.cpp", "rg_coupling_layer.cpp"), "about a minute"
+    ),
     "cuda": Part("rgflow_fast._C_cuda", "rgflow_fast_cuda", ("rg_coupling_cuda.cu",), "about two minutes"),
 }
 

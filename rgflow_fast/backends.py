@@ -11,12 +11,15 @@ every backend (image ``x (B, C, L, L)``, patches ``(B*P, C, k, k)``; formulas in
     rg_coupling(x, s, t, k, d, off, parity, inverse, emit) -> (y, ldj (B,), v)
         one checkerboard coupling step (``inverse``: its inverse); ``v`` is, if ``emit``, the
         next step's net input ``checkerboard(parity) * rg_gather(y)``, else an empty tensor
+    rg_coupling_layer(u, ldj, params, n_mlp, inverse, recompute) -> (u', ldj')
+        one whole coupling layer, nets included, on the patch tensor
+        (:mod:`rgflow_fast.coupling_layer`)
 
 plus two probes: ``unavailable_reason()`` (why it cannot load at all, or None) and
 ``unsupported_reason(x)`` (why it cannot run on tensor ``x``, or None). The public ops of
 :mod:`rgflow_fast.functional` validate their inputs and call these.
 
-The fast backends implement the ops, and their backward
+The fast backends implement the first three ops, and their backward
 ``rg_coupling_backward(x, s, t, grad_y, grad_ldj, grad_v?, k, d, off, parity, inverse) ->
 (grad_x, grad_s, grad_t)``, as ``torch.library`` ops of one namespace each (schemas:
 :data:`OP_SCHEMAS`); :func:`register_ops` gives a namespace its fake kernels and autograd

@@ -2,8 +2,8 @@
 inverse, log_prob and the gradients of all parameters; the original-format fixture; a
 torch.compile(fullgraph=True) trace.
 
-The fast backends run each block as fused coupling steps on the image (RGBlock._run), a
-different order of the same arithmetic: they match the reference to rounding.
+The fast backends run the same arithmetic as the reference in fused kernels, in another
+order: they match it to rounding.
 """
 import pytest
 import torch
