@@ -15,10 +15,21 @@ elements of its patch (an element changed at step 1 reaches the other checkerboa
 step 2 and its own half at step 3), so for a generic model the cone is also the set that
 does change; with a single layer per block it is an upper bound.
 
+Defaults are chosen to show an effect and to be reproducible: :func:`pick_latents` chooses
+receptive-field latents from a seed (0 unless given), and :func:`walk` without ``values``
+sweeps the latent over ``±4`` prior standard deviations (:func:`walk_values`), where the old
+``0 … 1.5`` moved a top-level latent's frames by at most 2/255.
+:func:`latent_correlation` is the authors' disentanglement measure (their
+``test_latent_corr.py``): the correlation matrix of one RG level's latents over a dataset.
+
 The subcommands ``receptive-fields``, ``mix``, ``inpaint`` and ``walk`` of ``rgflow-fast``
-(:mod:`rgflow_fast.commands.analysis`) write these analyses as PNGs.
+(:mod:`rgflow_fast.commands.analysis`) write these analyses as PNGs;
+:mod:`rgflow_fast.figures` draws them as labelled figures.
 """
 from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import NamedTuple
 
 import torch
 
@@ -30,13 +41,17 @@ __all__ = [
     "causal_cone",
     "generation_cone",
     "inference_cone",
+    "pick_latents",
     "receptive_fields",
     "receptive_field",
     "receptive_field_strengths",
     "strength_statistics",
     "mix",
     "walk",
+    "walk_values",
     "inpaint",
+    "latent_correlation",
+    "LatentCorrelation",
 ]
 
 _DIRECTIONS = ("generation", "inference")
@@ -154,6 +169,29 @@ def _expected_jvp(model, z: torch.Tensor, tangents: torch.Tensor, batch_size: in
             (jvp,) = torch.autograd.grad(vjp, u, tangents[t])
             out.index_add_(0, t, jvp.detach())
     return out / S
+
+
+def pick_latents(model, per_level: int = 16, seed: int = 0) -> list[tuple[int, int, int]]:
+    """Up to ``per_level`` latents ``(channel, i, j)`` of every RG level, drawn from ``seed``:
+    the same picks on every run with the same seed (the global RNG is not touched).
+
+    Positions of one level are distinct (all of them when the level has ``<= per_level``), each
+    with a random channel; the list runs from level 0 to the top, positions in row-major order
+    within a level. Pass it to :func:`receptive_fields`; :func:`latent_levels` gives the levels.
+    """
+    if not isinstance(per_level, int) or isinstance(per_level, bool) or per_level < 1:
+        raise ValueError(f"per_level must be an int >= 1; got {per_level!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ValueError(f"seed must be an int; got {seed!r}")
+    generator = torch.Generator().manual_seed(seed)
+    levels = latent_levels(model.image_size, model.kernel_size)
+    picks = []
+    for h in range(model.n_levels):
+        positions = (levels == h).nonzero()
+        chosen = torch.randperm(len(positions), generator=generator)[:per_level].sort().values
+        channels = torch.randint(model.channels, (len(chosen),), generator=generator)
+        picks += [(int(c), int(positions[p, 0]), int(positions[p, 1])) for c, p in zip(channels, chosen)]
+    return picks
 
 
 def receptive_fields(model, latents, n_samples: int = 64, *, z=None, temperature=None,
@@ -281,12 +319,43 @@ def mix(model, x_a: torch.Tensor, x_b: torch.Tensor, lam: int) -> torch.Tensor:
         return model.inverse(torch.where(from_a, z_a, z_b))[0]
 
 
-def walk(model, x: torch.Tensor, i: int, j: int, channel: int, values) -> torch.Tensor:
+def walk_values(model, i: int, j: int, n_frames: int = 7, spread: float = 4.0, temperature=None) -> torch.Tensor:
+    """The default values of a :func:`walk` of the latent at ``(i, j)``: ``n_frames`` evenly
+    spaced from ``-spread·σ`` to ``+spread·σ`` (``(n_frames,)``, float64), where ``σ`` is the
+    prior's standard deviation at the latent's level — that level's temperature ``T`` (both
+    priors have unit variance at ``T = 1``; ``temperature`` overrides the model's own).
+
+    ``±4σ`` spans the prior's bulk (a unit Laplace exceeds it with probability
+    ``exp(-4√2) ≈ 0.35 %``) and, with an odd ``n_frames``, puts the prior's mode 0 in the middle
+    frame. The paper's ``0 … 1.5`` changes a top-level latent's frames by only ~2/255 on a small
+    model; ``±4σ`` by ~20/255 there.
+    """
+    _check_latents(model, [(0, i, j)])
+    if not isinstance(n_frames, int) or isinstance(n_frames, bool) or n_frames < 2:
+        raise ValueError(f"n_frames must be an int >= 2; got {n_frames!r}")
+    if not spread > 0:
+        raise ValueError(f"spread must be > 0 (in prior standard deviations); got {spread!r}")
+    level = int(latent_levels(model.image_size, model.kernel_size)[i, j])
+    temperatures = model.prior.temperature if temperature is None else (
+        model.prior._scales(temperature) / model.prior._scales(1.0)).tolist()
+    sigma = float(temperatures[level])
+    steps = torch.arange(n_frames, dtype=torch.float64) - (n_frames - 1) / 2  # symmetric: the middle is exactly 0
+    return steps * (2 * spread * sigma / (n_frames - 1))
+
+
+def walk(model, x: torch.Tensor, i: int, j: int, channel: int, values=None) -> torch.Tensor:
     """Vary one latent (paper Fig. 4): ``x (C, L, L)`` → frames ``(V, C, L, L)``, frame ``v``
-    is ``G(z)`` with ``z = R(x)`` and ``z[channel, i, j] = values[v]``."""
+    is ``G(z)`` with ``z = R(x)`` and ``z[channel, i, j] = values[v]``.
+
+    ``values`` (``V`` numbers) default to :func:`walk_values` — 7 values over ``±4`` prior
+    standard deviations, the mode 0 in the middle. The latent's own value is ``R(x)[channel,
+    i, j]``.
+    """
     _check_latents(model, [(channel, i, j)])
     if not isinstance(x, torch.Tensor) or x.dim() != 3:
         raise ValueError(f"x must be one image (C, L, L); got {_describe(x)}")
+    if values is None:
+        values = walk_values(model, i, j)
     values = torch.as_tensor(values, dtype=x.dtype, device=x.device).flatten()
     if values.numel() == 0:
         raise ValueError("values must hold at least one latent value")
@@ -354,3 +423,98 @@ def inpaint(model, x: torch.Tensor, mask: torch.Tensor, *, n_starts: int = 200, 
     with torch.no_grad():
         image = filled(torch.where(vary, z, z0))
     return image, int(vary.sum()) * C
+
+
+# ------------------------------------------------------------------------- latent correlation
+
+
+class LatentCorrelation(NamedTuple):
+    """Result of :func:`latent_correlation`."""
+
+    matrix: torch.Tensor  # (D, D) float64 Pearson correlations; NaN in rows of constant latents
+    latents: list  # the (channel, i, j) of each row/column, channel-major, then i, then j
+    level: int  # the RG level
+    count: int  # the number of images the statistics ran over
+
+
+def _batches(data):
+    """A tensor ``(N, C, L, L)`` as one batch, or the tensors of an iterable (a DataLoader's
+    ``(images, labels)`` pairs give their first element)."""
+    if isinstance(data, torch.Tensor):
+        yield data
+        return
+    if not isinstance(data, Iterable):
+        raise TypeError(
+            f"images_or_latents must be a (N, C, L, L) tensor or an iterable of such batches "
+            f"(e.g. a DataLoader); got {type(data).__name__}"
+        )
+    for batch in data:
+        if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+            batch = batch[0]
+        if not isinstance(batch, torch.Tensor):
+            raise TypeError(f"each batch must be a (B, C, L, L) tensor (or a tuple starting with one); "
+                            f"got {type(batch).__name__}")
+        yield batch
+
+
+def latent_correlation(model, images_or_latents, level: int, *, are_latents: bool = False,
+                       and_above: bool = False, batch_size: int = 256) -> LatentCorrelation:
+    """Correlation matrix of the latents at RG level ``level`` over a dataset: the authors'
+    measure of disentanglement (``test_latent_corr.py``). A flow that factorises the data
+    well gives latents that are uncorrelated (the prior is factorised), so the off-diagonal
+    entries measure how much dependence is left between the latents of one scale.
+
+    ``images_or_latents``: images ``(N, C, L, L)`` in logit space (encoded with ``z = R(x)``,
+    ``batch_size`` at a time, without gradients), or latents when ``are_latents=True``; or an
+    iterable of such batches (e.g. a ``DataLoader``; ``(images, labels)`` pairs are read as
+    images). The latents taken are every channel at the positions of level ``level``
+    (:func:`latent_levels` ``== level``), ``D = C·P`` of them; with ``and_above=True`` the
+    positions of level ``>= level``, i.e. ``z[:, :, ::2**level, ::2**level]`` — what the
+    authors' script takes (``z[:, :, ::8, ::8]``: the top level at ``L = 32, k = 4``).
+
+    Returns :class:`LatentCorrelation` ``(matrix (D, D) float64, latents, level, count)``:
+    ``matrix[a, b] = cov(z_a, z_b) / (σ_a σ_b)`` over the ``N >= 2`` images (unbiased
+    covariance; the sums run in float64 with a batch-wise update of means and co-moments, so
+    the order and size of the batches do not matter), with ``latents[a] = (channel, i, j)``
+    channel-major, then ``i``, then ``j`` (the order of ``z[:, :, rows, cols].flatten(1)``).
+    A latent that is constant over the data has no correlation: its row and column are NaN.
+    """
+    n_levels = model.n_levels
+    if not isinstance(level, int) or isinstance(level, bool) or not 0 <= level < n_levels:
+        raise ValueError(f"level must be an int in [0, {n_levels}) (the model's RG levels); got {level!r}")
+    _check_batch_size(batch_size)
+    levels = latent_levels(model.image_size, model.kernel_size)
+    where = (levels >= level) if and_above else (levels == level)
+    rows, cols = where.nonzero(as_tuple=True)
+    latents = [(c, int(i), int(j)) for c in range(model.channels) for i, j in zip(rows, cols)]
+    count, mean, comoment = 0, None, None
+    for batch in _batches(images_or_latents):
+        model._check(batch, "latents" if are_latents else "images")
+        for chunk in batch.split(batch_size):
+            if not are_latents:
+                with torch.no_grad():
+                    chunk = model(chunk)[0]
+            z = chunk[:, :, rows.to(chunk.device), cols.to(chunk.device)].flatten(1).double()
+            n = z.shape[0]
+            if n == 0:
+                continue
+            chunk_mean = z.mean(dim=0)
+            centred = z - chunk_mean
+            chunk_comoment = centred.T @ centred
+            if count == 0:
+                count, mean, comoment = n, chunk_mean, chunk_comoment
+                continue
+            # Chan et al.'s pairwise update: exact for any split of the data into batches
+            delta = chunk_mean - mean
+            total = count + n
+            comoment = comoment + chunk_comoment + torch.outer(delta, delta) * (count * n / total)
+            mean = mean + delta * (n / total)
+            count = total
+    if count < 2:
+        raise ValueError(f"latent_correlation needs at least 2 images; got {count}")
+    comoment = (comoment + comoment.T) / 2  # a BLAS product need not be exactly symmetric
+    std = comoment.diagonal().sqrt()
+    std = torch.where(std > 0, std, torch.full_like(std, float("nan")))
+    matrix = comoment / (std[:, None] * std[None, :])  # one product: exactly symmetric
+    matrix.diagonal().copy_(torch.where(std.isnan(), std, torch.ones_like(std)))
+    return LatentCorrelation(matrix.clamp(-1, 1), latents, level, count)

@@ -10,6 +10,9 @@ import rgflow_fast as rf
 from conftest import randomize_
 from rgflow_fast import geometry
 from rgflow_fast.analysis import (
+    latent_correlation,
+    pick_latents,
+    walk_values,
     _disjoint_groups,
     causal_cone,
     generation_cone,
@@ -264,6 +267,123 @@ def test_walk_sets_one_latent_and_changes_only_its_cone(seed):
     torch.testing.assert_close(frames[..., outside], x[None].expand_as(frames)[..., outside], rtol=1e-10, atol=1e-10)
     with pytest.raises(ValueError, match="one image"):
         walk(model, x[None], i, j, 0, values)
+
+
+def test_walk_defaults_sweep_four_prior_standard_deviations(seed):
+    L, C, k = 16, 2, 4  # levels 0, 1, 2
+    model = small_model(L, C, k, temperature=[1.0, 0.5, 2.0])
+    x = torch.randn(C, L, L, dtype=torch.float64)
+    levels = latent_levels(L, k)
+    for h, (i, j) in enumerate(one_latent_per_level(L, k)):
+        assert levels[i, j] == h
+        sigma = [1.0, 0.5, 2.0][h]
+        values = walk_values(model, i, j)
+        assert values.shape == (7,) and values.dtype == torch.float64
+        torch.testing.assert_close(values, torch.linspace(-4 * sigma, 4 * sigma, 7, dtype=torch.float64))
+        assert values[3] == 0  # the prior's mode in the middle frame
+        torch.testing.assert_close(walk_values(model, i, j, n_frames=3, spread=1.0, temperature=3.0),
+                                   torch.tensor([-3.0, 0.0, 3.0], dtype=torch.float64))
+        c = int(torch.randint(C, ()))
+        frames = walk(model, x, i, j, c)
+        assert torch.equal(frames, walk(model, x, i, j, c, values))
+        z = model(frames)[0]
+        torch.testing.assert_close(z[:, c, i, j], values, rtol=1e-9, atol=1e-9)
+    with pytest.raises(ValueError, match="n_frames"):
+        walk_values(model, 0, 0, n_frames=1)
+    with pytest.raises(ValueError, match="spread"):
+        walk_values(model, 0, 0, spread=0.0)
+
+
+def test_pick_latents_is_seeded_and_covers_every_level():
+    L, C, k = 32, 3, 4  # levels 0..3 with 768, 192, 48, 16 positions
+    model = small_model(L, C, k)
+    state = torch.get_rng_state()
+    picks = pick_latents(model, per_level=20)
+    assert torch.equal(torch.get_rng_state(), state)  # the global RNG is not touched
+    assert picks == pick_latents(model, per_level=20, seed=0)
+    assert picks != pick_latents(model, per_level=20, seed=1)
+    levels = latent_levels(L, k)
+    got = [int(levels[i, j]) for _, i, j in picks]
+    assert got == sorted(got)
+    assert [got.count(h) for h in range(4)] == [20, 20, 20, 16]  # all 16 of the top level
+    for h in range(4):
+        positions = [(i, j) for (_, i, j), g in zip(picks, got) if g == h]
+        assert positions == sorted(set(positions))  # distinct, row-major
+    assert all(0 <= c < C for c, _, _ in picks)
+    assert len({c for c, _, _ in picks}) == C
+    with pytest.raises(ValueError, match="per_level"):
+        pick_latents(model, per_level=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_latent_correlation_is_the_correlation_of_one_level_s_latents(seed, dtype):
+    L, C, k = 16, 2, 4
+    model = small_model(L, C, k, dtype=dtype)
+    x = 1.5 * torch.randn(300, C, L, L, dtype=dtype)
+    x[:, 1] += 0.8 * x[:, 0]  # correlated channels, so that some latents correlate
+    z = model(x)[0].double()
+    levels = latent_levels(L, k)
+    for level in range(model.n_levels):
+        result = latent_correlation(model, x, level, batch_size=64)
+        where = levels == level
+        expected = torch.corrcoef(z[:, :, where].flatten(1).T)
+        D = C * int(where.sum())
+        assert result.matrix.shape == (D, D) and result.matrix.dtype == torch.float64
+        assert result.level == level and result.count == 300
+        tol = 1e-10 if dtype == torch.float64 else 1e-5
+        torch.testing.assert_close(result.matrix, expected, rtol=tol, atol=tol)
+        assert torch.equal(result.matrix, result.matrix.T)
+        assert (result.matrix.diagonal() == 1).all()
+        # latents[a] names row a: channel-major, then i, then j
+        rows = torch.tensor([[c, i, j] for c, i, j in result.latents])
+        assert torch.equal(rows, torch.tensor([[c, i, j] for c in range(C) for i, j in where.nonzero().tolist()]))
+        assert (levels[rows[:, 1], rows[:, 2]] == level).all()
+    assert (latent_correlation(model, x, 0).matrix - torch.eye(C * 192)).abs().max() > 0.3
+    # the authors' z[:, :, ::2**h, ::2**h]: levels >= h
+    above = latent_correlation(model, x, 1, and_above=True)
+    torch.testing.assert_close(above.matrix, torch.corrcoef(z[:, :, ::2, ::2].flatten(1).T), rtol=1e-5, atol=1e-5)
+
+
+def test_latent_correlation_streams_batches_and_takes_latents(seed):
+    L, C, k = 8, 2, 4
+    model = small_model(L, C, k)
+    x = torch.randn(50, C, L, L, dtype=torch.float64) + 3.0  # far from zero mean: the update must centre
+    whole = latent_correlation(model, x, 0)
+    loader = [(batch, torch.zeros(len(batch))) for batch in x.split([7, 1, 30, 12])]
+    torch.testing.assert_close(latent_correlation(model, loader, 0).matrix, whole.matrix, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(latent_correlation(model, x, 0, batch_size=3).matrix, whole.matrix, rtol=1e-12, atol=1e-12)
+    z = model(x)[0]
+    torch.testing.assert_close(latent_correlation(model, z, 0, are_latents=True).matrix, whole.matrix,
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_latent_correlation_recovers_a_planted_correlation(seed):
+    L, C, k = 8, 1, 2  # top level (2): positions (0, 0), (0, 4), (4, 0), (4, 4)
+    model = small_model(L, C, k)
+    z = model.prior.sample(20000)
+    rho = 0.6
+    z[:, 0, 4, 4] = rho * z[:, 0, 0, 4] + (1 - rho**2) ** 0.5 * z[:, 0, 4, 4]
+    z[:, 0, 4, 0] = 0.5  # a constant latent has no correlation
+    result = latent_correlation(model, z, 2, are_latents=True)
+    assert result.latents == [(0, 0, 0), (0, 0, 4), (0, 4, 0), (0, 4, 4)]
+    m = result.matrix
+    assert m[1, 3] == pytest.approx(rho, abs=0.03) and m[3, 1] == m[1, 3]  # 0.03 ≈ 4 standard errors
+    assert abs(m[0, 1]) < 0.03 and abs(m[0, 3]) < 0.03
+    assert m[2].isnan().all() and m[:, 2].isnan().all()
+    assert m[0, 0] == m[1, 1] == m[3, 3] == 1
+
+
+def test_latent_correlation_bad_inputs():
+    model = small_model()
+    x = torch.randn(4, 2, 8, 8, dtype=torch.float64)
+    with pytest.raises(ValueError, match="level must be an int in"):
+        latent_correlation(model, x, model.n_levels)
+    with pytest.raises(ValueError, match="at least 2 images"):
+        latent_correlation(model, x[:1], 0)
+    with pytest.raises(ValueError, match="must have shape"):
+        latent_correlation(model, x[:, :1], 0)
+    with pytest.raises(TypeError, match="iterable"):
+        latent_correlation(model, 3.0, 0)
 
 
 def test_inpainting_varies_only_the_cone_and_keeps_the_rest(seed):
