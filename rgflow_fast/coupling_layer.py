@@ -68,7 +68,7 @@ def check_layer_inputs(u, ldj, params, n_mlp) -> int:
         raise ValueError(f"n_mlp must be a positive int; got {n_mlp!r}")
     n_res = net_layout(len(params), n_mlp)
     D = u.shape[1] * u.shape[2] * u.shape[3]
-    hidden = params[1].shape[0] if n_res else D
+    hidden = params[3].shape[0] if n_res else D  # the first linear layer's bias
     widths = [D] + [hidden] * n_mlp + [D]
     expected = []
     for _ in range(n_res):
@@ -119,7 +119,7 @@ def register_fake_kernels(namespace: str) -> None:
     def forward_fake(u, ldj, params, n_mlp, inverse, store):
         D = u.shape[1] * u.shape[2] * u.shape[3]
         n_res = net_layout(len(params), n_mlp)
-        hidden = params[1].shape[0] if n_res else D
+        hidden = params[3].shape[0] if n_res else D  # the first linear layer's bias
         row_width = 2 * (D + 2 * ((n_res + 1) * D + n_res * n_mlp * hidden))
         acts = u.new_empty(u.shape[0] * row_width if store else 0)
         return u.new_empty(u.shape), ldj.new_empty(ldj.shape), acts
