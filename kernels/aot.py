@@ -16,8 +16,8 @@ tensors of the model's shapes with ``JITFunction.run`` replaced by a recorder, s
 launch's signature, constexprs and ``num_warps``/``num_stages`` are exactly what the launcher
 would pass on a GPU. Shapes: the paper's CelebA-32 model (32×32×3, k=4, 4 residual blocks,
 n_mlp 2, hidden 512) and the ``small`` training preset (1 block, n_mlp 1, hidden 64), batch 64.
-Integer arguments are compiled unspecialised (no ``== 1`` / divisibility specialisation),
-which is what a launch sees for general sizes.
+Arguments get the JIT's divisibility specialisation (16-byte aligned pointers, integers that
+are multiples of 16) as the recorded launch had them; the recorded sizes are multiples of 16.
 
 ``--quick`` keeps one representative of each kernel per precision (parity 0, forward
 direction, paper shape): what ``tests/test_kernels_aot.py`` compiles.
@@ -56,6 +56,7 @@ class Launch:
     signature: dict
     constexprs: dict
     options: dict
+    attrs: dict = field(default_factory=dict)
     precision: str | None = None  # the layer kernels' precision mode (None for other families)
     key: tuple = field(default=(), repr=False)
 
@@ -72,6 +73,14 @@ def _arg_type(value):
     if isinstance(value, float):
         return "fp32"
     raise TypeError(f"cannot type kernel argument {value!r}")
+
+
+def _divisible_by_16(value):
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.data_ptr() % 16 == 0
+    return isinstance(value, int) and not isinstance(value, bool) and value % 16 == 0
 
 
 class Recorder:
@@ -108,18 +117,21 @@ class Recorder:
             if p.name not in bound and p.default is not inspect.Parameter.empty:
                 bound[p.name] = p.default
         constexpr_names = {names[i] for i in fn.constexprs}
-        signature, constexprs = {}, {}
-        for name in names:
+        signature, constexprs, attrs = {}, {}, {}
+        for index, name in enumerate(names):
             value = bound[name]
             if name in constexpr_names or value is None:
                 signature[name] = "constexpr"
                 constexprs[name] = value
             else:
                 signature[name] = _arg_type(value)
-        key = (fn.fn.__module__, fn.__name__, tuple(signature.items()),
+                if _divisible_by_16(value):  # as the JIT specialises a launch
+                    attrs[(index,)] = [["tt.divisibility", 16]]
+        key = (fn.fn.__module__, fn.__name__, tuple(signature.items()), tuple(sorted(attrs)),
                tuple((k, str(v)) for k, v in constexprs.items()), tuple(sorted(options.items())))
         if key not in self.launches:
-            self.launches[key] = Launch(self.label, fn, signature, constexprs, options, self.precision, key)
+            self.launches[key] = Launch(self.label, fn, signature, constexprs, options, attrs,
+                                        self.precision, key)
 
 
 def _record_rg_coupling(rec, shape_name, quick):
@@ -239,7 +251,7 @@ def compile_one(launch: Launch, arch: int, out: Path) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    src = ASTSource(launch.fn, launch.signature, launch.constexprs)
+    src = ASTSource(launch.fn, launch.signature, launch.constexprs, launch.attrs)
     kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(launch.options))
     path = out / _filename(launch, arch)
     path.write_bytes(kernel.asm["cubin"])

@@ -119,34 +119,43 @@ def _checkerboard(f, D, K: tl.constexpr, PARITY: tl.constexpr):
 
 @triton.jit
 def _net_forward(
-    x, rows, rmask, N, pid, w_in, w_mid, w_out, vec, scr, hsave,
+    x, pid, w_in, w_mid, w_out, vec, scr, hsave, NP,
     NET: tl.constexpr, N_RES: tl.constexpr, N_MLP: tl.constexpr, DP: tl.constexpr,
     HP: tl.constexpr, VW: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr,
     STORE: tl.constexpr, PREC: tl.constexpr,
 ):
-    """``R(x)`` for net ``NET`` on a ``(BM, DP)`` tile (module docstring); returns ``x_R``."""
+    """``R(x)`` for net ``NET`` on a ``(BM, DP)`` tile (module docstring); returns ``x_R``.
+
+    Addresses are a scalar base (which moves with the loop) plus a loop-invariant int32 offset
+    tile: a hoisted offset tile costs half the registers of a hoisted pointer tile, and equal
+    offset tiles are shared. Saved rows are padded to ``NP`` (a multiple of ``BM``): no masks."""
     f = tl.arange(0, DP)
     cols = tl.arange(0, BH)
     lr = tl.arange(0, BM)
+    off_s = lr[:, None] * HP + cols[None, :]       # scratch tile (BM, BH)
+    off_h = lr[:, None] * VW + cols[None, :]       # saved tile (BM, BH)
+    off_hd = lr[:, None] * VW + f[None, :]         # saved tile (BM, DP)
+    off_wi = f[:, None] + cols[None, :] * DP       # W_inᵀ tile (DP, BH)
+    off_wm = cols[:, None] + cols[None, :] * HP    # W_midᵀ tile (BH, BH)
+    off_wo = cols[:, None] + f[None, :] * HP       # W_outᵀ tile (BH, DP)
     NSLOT = N_RES * (N_MLP + 1) + 1
-    hrow = hsave + (NET * NSLOT) * N * VW + rows[:, None] * VW
-    scr_tile = scr + pid * (2 * BM * HP) + lr[:, None] * HP
+    h_net = hsave + (NET * NSLOT * NP + pid * BM) * VW
+    scr_tile = scr + pid * (2 * BM * HP)
     for r in tl.static_range(N_RES):
         blk = NET * N_RES + r
         vb = vec + blk * (N_MLP + 1) * 2 * VW
         slot0 = r * (N_MLP + 1)
         if STORE:
-            tl.store(hrow + slot0 * N * VW + f[None, :], x, mask=rmask[:, None])
+            tl.store(h_net + slot0 * NP * VW + off_hd, x)
         # linear 0 (D -> H): operand swish(x) from registers; output Swish-ed into scratch 0
         a0 = _swish(x, tl.load(vb + f)[None, :]).to(w_in.dtype.element_ty)
         for j in range(0, HP, BH):
-            oc = j + cols
-            w = tl.load(w_in + blk * (HP * DP) + oc[None, :] * DP + f[:, None])
-            h = _mm(a0, w, tl.zeros((BM, BH), x.dtype), PREC) + tl.load(vb + VW + oc)[None, :]
+            w = tl.load(w_in + blk * (HP * DP) + j * DP + off_wi)
+            h = _mm(a0, w, tl.zeros((BM, BH), x.dtype), PREC) + tl.load(vb + VW + j + cols)[None, :]
             if STORE:
-                tl.store(hrow + (slot0 + 1) * N * VW + oc[None, :], h, mask=rmask[:, None])
-            a = _swish(h, tl.load(vb + 2 * VW + oc)[None, :])
-            tl.store(scr_tile + oc[None, :], a.to(scr.dtype.element_ty))
+                tl.store(h_net + (slot0 + 1) * NP * VW + j + off_h, h)
+            a = _swish(h, tl.load(vb + 2 * VW + j + cols)[None, :])
+            tl.store(scr_tile + j + off_s, a.to(scr.dtype.element_ty))
         tl.debug_barrier()
         # linears 1 .. n_mlp-1 (H -> H): stream scratch (i-1)%2 and W, write scratch i%2
         for i in tl.static_range(1, N_MLP):
@@ -154,38 +163,35 @@ def _net_forward(
             dst = scr_tile + (i % 2) * (BM * HP)
             wb = w_mid + (blk * (N_MLP - 1) + i - 1) * (HP * HP)
             for j in range(0, HP, BH):
-                oc = j + cols
                 acc = tl.zeros((BM, BH), x.dtype)
                 for kk in range(0, HP, BH):
-                    kc = kk + cols
-                    a = tl.load(src + kc[None, :], cache_modifier=".cg")
-                    w = tl.load(wb + oc[None, :] * HP + kc[:, None])
+                    a = tl.load(src + kk + off_s, cache_modifier=".cg")
+                    w = tl.load(wb + j * HP + kk + off_wm)
                     acc = _mm(a, w, acc, PREC)
-                h = acc + tl.load(vb + (2 * i + 1) * VW + oc)[None, :]
+                h = acc + tl.load(vb + (2 * i + 1) * VW + j + cols)[None, :]
                 if STORE:
-                    tl.store(hrow + (slot0 + i + 1) * N * VW + oc[None, :], h, mask=rmask[:, None])
-                a = _swish(h, tl.load(vb + (2 * i + 2) * VW + oc)[None, :])
-                tl.store(dst + oc[None, :], a.to(scr.dtype.element_ty))
+                    tl.store(h_net + (slot0 + i + 1) * NP * VW + j + off_h, h)
+                a = _swish(h, tl.load(vb + (2 * i + 2) * VW + j + cols)[None, :])
+                tl.store(dst + j + off_s, a.to(scr.dtype.element_ty))
             tl.debug_barrier()
         # linear n_mlp (H -> D) into registers, then the residual
         # (loop variables are named per loop: Triton carries a name defined before a loop)
         src = scr_tile + ((N_MLP - 1) % 2) * (BM * HP)
         acc_o = tl.zeros((BM, DP), x.dtype)
         for kk in range(0, HP, BH):
-            kc = kk + cols
-            a_o = tl.load(src + kc[None, :], cache_modifier=".cg")
-            w_o = tl.load(w_out + blk * (DP * HP) + f[None, :] * HP + kc[:, None])
+            a_o = tl.load(src + kk + off_s, cache_modifier=".cg")
+            w_o = tl.load(w_out + blk * (DP * HP) + kk + off_wo)
             acc_o = _mm(a_o, w_o, acc_o, PREC)
         x = (x + (acc_o + tl.load(vb + (2 * N_MLP + 1) * VW + f)[None, :])) * INV_SQRT2
         tl.debug_barrier()  # the next block overwrites the scratch this one just read
     if STORE:
-        tl.store(hrow + (NSLOT - 1) * N * VW + f[None, :], x, mask=rmask[:, None])
+        tl.store(h_net + (NSLOT - 1) * NP * VW + off_hd, x)
     return x
 
 
 @triton.jit
 def _step_fwd_kernel(
-    u_ptr, y_ptr, rows_ptr, w_in, w_mid, w_out, vec, sig, scr, hsave, N, D,
+    u_ptr, y_ptr, rows_ptr, w_in, w_mid, w_out, vec, sig, scr, hsave, N, NP, D,
     K: tl.constexpr, PARITY: tl.constexpr, INVERSE: tl.constexpr, STORE: tl.constexpr,
     N_RES: tl.constexpr, N_MLP: tl.constexpr, DP: tl.constexpr, HP: tl.constexpr,
     VW: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr,
@@ -193,19 +199,18 @@ def _step_fwd_kernel(
     """One checkerboard step on rows ``[pid·BM, pid·BM + BM)`` of ``u (N, D)`` (contiguous)."""
     pid = tl.program_id(0)
     rows = pid * BM + tl.arange(0, BM)
-    rmask = rows < N
     f = tl.arange(0, DP)
     trans = _checkerboard(f, D, K, PARITY)[None, :]
     ptrs = rows[:, None] * D + f[None, :]
-    mask = rmask[:, None] & (f < D)[None, :]
+    mask = (rows < N)[:, None] & (f < D)[None, :]
     # u is (re)loaded where it is needed rather than held: registers go to the nets' tiles.
     v = tl.where(trans, 0.0, tl.load(u_ptr + ptrs, mask=mask, other=0.0))
-    xs = _net_forward(v, rows, rmask, N, pid, w_in, w_mid, w_out, vec, scr, hsave,
+    xs = _net_forward(v, pid, w_in, w_mid, w_out, vec, scr, hsave, NP,
                       0, N_RES, N_MLP, DP, HP, VW, BM, BH, STORE, PREC)
     # tanh(s) waits in y's memory while the T net runs (this thread reads back what it wrote)
     tl.store(y_ptr + ptrs, _tanh(tl.load(sig + f)[None, :] * xs), mask=mask)
     v = tl.where(trans, 0.0, tl.load(u_ptr + ptrs, mask=mask, other=0.0))
-    xt = _net_forward(v, rows, rmask, N, pid, w_in, w_mid, w_out, vec, scr, hsave,
+    xt = _net_forward(v, pid, w_in, w_mid, w_out, vec, scr, hsave, NP,
                       1, N_RES, N_MLP, DP, HP, VW, BM, BH, STORE, PREC)
     t = tl.where(trans, tl.load(sig + DP + f)[None, :] * xt, 0.0)
     tl.debug_barrier()
@@ -218,24 +223,30 @@ def _step_fwd_kernel(
         y = tl.where(trans, u * tl.exp(s) + t, u)
         ldj = tl.sum(s, axis=1)
     tl.store(y_ptr + ptrs, y, mask=mask)
-    tl.store(rows_ptr + rows, ldj, mask=rmask)
+    tl.store(rows_ptr + rows, ldj, mask=rows < N)
 
 
 @triton.jit
 def _net_backward(
-    g_o, rows, rmask, N, pid, w_in, w_mid, w_out, vec, sig, hsave, gsave, pvec, psig,
+    g_o, pid, w_in, w_mid, w_out, vec, sig, hsave, gsave, pvec, psig, NP,
     NET: tl.constexpr, N_RES: tl.constexpr, N_MLP: tl.constexpr, DP: tl.constexpr,
     HP: tl.constexpr, VW: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr,
 ):
     """Back-propagate ``g_o = ∂L/∂(σ⊙R(v))`` through net ``NET``; returns ``∂L/∂v``.
 
     Writes ``G`` (each linear's output gradient) for the weight GEMM and this program's
-    partial sums of ``g_σ`` and ``g_β``."""
+    partial sums of ``g_σ`` and ``g_β``. Addressing as in :func:`_net_forward`."""
     f = tl.arange(0, DP)
     cols = tl.arange(0, BH)
+    lr = tl.arange(0, BM)
+    off_h = lr[:, None] * VW + cols[None, :]       # saved / G tile (BM, BH)
+    off_hd = lr[:, None] * VW + f[None, :]         # saved / G tile (BM, DP)
+    off_bo = f[:, None] * HP + cols[None, :]       # W_out tile (DP, BH)
+    off_bm = cols[:, None] * HP + cols[None, :]    # W_mid tile (BH, BH)
+    off_bi = cols[:, None] * DP + f[None, :]       # W_in tile (BH, DP)
     NSLOT = N_RES * (N_MLP + 1) + 1
-    hrow = hsave + (NET * NSLOT) * N * VW + rows[:, None] * VW
-    x_last = tl.load(hrow + (NSLOT - 1) * N * VW + f[None, :], mask=rmask[:, None], other=0.0)
+    h_net = hsave + (NET * NSLOT * NP + pid * BM) * VW
+    x_last = tl.load(h_net + (NSLOT - 1) * NP * VW + off_hd)
     tl.store(psig + (pid * 2 + NET) * DP + f, tl.sum(g_o * x_last, axis=0))
     g_x = g_o * tl.load(sig + NET * DP + f)[None, :]
     for rr in tl.static_range(N_RES):
@@ -243,47 +254,42 @@ def _net_backward(
         blk = NET * N_RES + r
         vb = vec + blk * (N_MLP + 1) * 2 * VW
         pb = pvec + (pid * (2 * N_RES) + blk) * ((N_MLP + 1) * VW)
-        grow = gsave + (blk * (N_MLP + 1)) * N * VW + rows[:, None] * VW
+        g_blk = gsave + (blk * (N_MLP + 1) * NP + pid * BM) * VW
         slot0 = r * (N_MLP + 1)
         # linear n_mlp (H -> D): its output gradient is g_x/√2, in registers
         g_f = g_x * INV_SQRT2
-        tl.store(grow + N_MLP * N * VW + f[None, :], g_f, mask=rmask[:, None])
+        tl.store(g_blk + N_MLP * NP * VW + off_hd, g_f)
         g_f_op = g_f.to(w_out.dtype.element_ty)
         for j in range(0, HP, BH):
-            oc = j + cols
-            w = tl.load(w_out + blk * (DP * HP) + f[:, None] * HP + oc[None, :])
+            w = tl.load(w_out + blk * (DP * HP) + j + off_bo)
             g_a = _mm(g_f_op, w, tl.zeros((BM, BH), g_x.dtype), PREC)
-            h = tl.load(hrow + (slot0 + N_MLP) * N * VW + oc[None, :], mask=rmask[:, None], other=0.0)
-            g_h, g_beta = _swish_grads(g_a, h, tl.load(vb + 2 * N_MLP * VW + oc)[None, :])
-            tl.store(pb + N_MLP * VW + oc, tl.sum(g_beta, axis=0))
-            tl.store(grow + (N_MLP - 1) * N * VW + oc[None, :], g_h, mask=rmask[:, None])
+            h = tl.load(h_net + (slot0 + N_MLP) * NP * VW + j + off_h)
+            g_h, g_beta = _swish_grads(g_a, h, tl.load(vb + 2 * N_MLP * VW + j + cols)[None, :])
+            tl.store(pb + N_MLP * VW + j + cols, tl.sum(g_beta, axis=0))
+            tl.store(g_blk + (N_MLP - 1) * NP * VW + j + off_h, g_h)
         tl.debug_barrier()
         # linears n_mlp-1 .. 1 (H -> H): stream G of linear i and W_i, write G of linear i-1
         for ii in tl.static_range(1, N_MLP):
             i = N_MLP - ii
             wb = w_mid + (blk * (N_MLP - 1) + i - 1) * (HP * HP)
             for j in range(0, HP, BH):
-                oc = j + cols
                 acc = tl.zeros((BM, BH), g_x.dtype)
                 for kk in range(0, HP, BH):
-                    kc = kk + cols
-                    g = tl.load(grow + i * N * VW + kc[None, :], mask=rmask[:, None], other=0.0,
-                                cache_modifier=".cg")
-                    w = tl.load(wb + kc[:, None] * HP + oc[None, :])
+                    g = tl.load(g_blk + i * NP * VW + kk + off_h, cache_modifier=".cg")
+                    w = tl.load(wb + kk * HP + j + off_bm)
                     acc = _mm(g.to(w_mid.dtype.element_ty), w, acc, PREC)
-                h = tl.load(hrow + (slot0 + i) * N * VW + oc[None, :], mask=rmask[:, None], other=0.0)
-                g_h, g_beta = _swish_grads(acc, h, tl.load(vb + 2 * i * VW + oc)[None, :])
-                tl.store(pb + i * VW + oc, tl.sum(g_beta, axis=0))
-                tl.store(grow + (i - 1) * N * VW + oc[None, :], g_h, mask=rmask[:, None])
+                h = tl.load(h_net + (slot0 + i) * NP * VW + j + off_h)
+                g_h, g_beta = _swish_grads(acc, h, tl.load(vb + 2 * i * VW + j + cols)[None, :])
+                tl.store(pb + i * VW + j + cols, tl.sum(g_beta, axis=0))
+                tl.store(g_blk + (i - 1) * NP * VW + j + off_h, g_h)
             tl.debug_barrier()
         # linear 0 (D -> H): back into registers, through swish(x_r), plus the skip path
         acc_i = tl.zeros((BM, DP), g_x.dtype)
         for kk in range(0, HP, BH):
-            kc = kk + cols
-            g_i = tl.load(grow + kc[None, :], mask=rmask[:, None], other=0.0, cache_modifier=".cg")
-            w_i = tl.load(w_in + blk * (HP * DP) + kc[:, None] * DP + f[None, :])
+            g_i = tl.load(g_blk + kk + off_h, cache_modifier=".cg")
+            w_i = tl.load(w_in + blk * (HP * DP) + kk * DP + off_bi)
             acc_i = _mm(g_i.to(w_in.dtype.element_ty), w_i, acc_i, PREC)
-        x_r = tl.load(hrow + slot0 * N * VW + f[None, :], mask=rmask[:, None], other=0.0)
+        x_r = tl.load(h_net + slot0 * NP * VW + off_hd)
         g_in, g_beta0 = _swish_grads(acc_i, x_r, tl.load(vb + f)[None, :])
         tl.store(pb + f, tl.sum(g_beta0, axis=0))
         g_x = g_x * INV_SQRT2 + g_in
@@ -293,7 +299,7 @@ def _net_backward(
 @triton.jit
 def _step_bwd_kernel(
     u_ptr, gy_ptr, grow_ptr, gu_ptr, w_in, w_mid, w_out, vec, sig, hsave, gsave, pvec, psig,
-    N, D,
+    N, NP, D,
     K: tl.constexpr, PARITY: tl.constexpr, INVERSE: tl.constexpr,
     N_RES: tl.constexpr, N_MLP: tl.constexpr, DP: tl.constexpr, HP: tl.constexpr,
     VW: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr,
@@ -301,39 +307,37 @@ def _step_bwd_kernel(
     """Backward of one step: ``u`` the step input, ``gy`` ``∂L/∂u'``, ``grow`` ``∂L/∂(row ldj)``."""
     pid = tl.program_id(0)
     rows = pid * BM + tl.arange(0, BM)
-    rmask = rows < N
     f = tl.arange(0, DP)
     trans = _checkerboard(f, D, K, PARITY)[None, :]
     ptrs = rows[:, None] * D + f[None, :]
-    mask = rmask[:, None] & (f < D)[None, :]
-    g_row = tl.load(grow_ptr + rows, mask=rmask, other=0.0)[:, None]
+    mask = (rows < N)[:, None] & (f < D)[None, :]
+    g_row = tl.load(grow_ptr + rows, mask=rows < N, other=0.0)[:, None]
     NSLOT = N_RES * (N_MLP + 1) + 1
-    last = hsave + rows[:, None] * VW + f[None, :]
+    last = hsave + ((NSLOT - 1) * NP + pid * BM) * VW + tl.arange(0, BM)[:, None] * VW + f[None, :]
     # S net first; its input gradient goes straight to g_u's memory so that few (BM, DP)
     # tiles stay live across a net's backward (the T net's inputs are reloaded after)
     u = tl.load(u_ptr + ptrs, mask=mask, other=0.0)
     gy = tl.load(gy_ptr + ptrs, mask=mask, other=0.0)
-    th = _tanh(tl.load(sig + f)[None, :] * tl.load(last + (NSLOT - 1) * N * VW, mask=rmask[:, None], other=0.0))
+    th = _tanh(tl.load(sig + f)[None, :] * tl.load(last))
     s = tl.where(trans, th, 0.0)
     if INVERSE:
-        xt = tl.load(last + (2 * NSLOT - 1) * N * VW, mask=rmask[:, None], other=0.0)
-        t = tl.where(trans, tl.load(sig + DP + f)[None, :] * xt, 0.0)
+        t = tl.where(trans, tl.load(sig + DP + f)[None, :] * tl.load(last + NSLOT * NP * VW), 0.0)
         g_s = tl.where(trans, -gy * ((u - t) * tl.exp(-s)) - g_row, 0.0)
     else:
         g_s = tl.where(trans, gy * u * tl.exp(s) + g_row, 0.0)
-    g_v = _net_backward(g_s * (1.0 - th * th), rows, rmask, N, pid, w_in, w_mid, w_out, vec, sig,
-                        hsave, gsave, pvec, psig, 0, N_RES, N_MLP, DP, HP, VW, BM, BH, PREC)
+    g_v = _net_backward(g_s * (1.0 - th * th), pid, w_in, w_mid, w_out, vec, sig, hsave, gsave,
+                        pvec, psig, NP, 0, N_RES, N_MLP, DP, HP, VW, BM, BH, PREC)
     tl.store(gu_ptr + ptrs, g_v, mask=mask)
     gy = tl.load(gy_ptr + ptrs, mask=mask, other=0.0)
-    s = tl.where(trans, _tanh(tl.load(sig + f)[None, :] * tl.load(last + (NSLOT - 1) * N * VW, mask=rmask[:, None], other=0.0)), 0.0)
+    s = tl.where(trans, _tanh(tl.load(sig + f)[None, :] * tl.load(last)), 0.0)
     if INVERSE:
         e = tl.exp(-s)
         g_t = tl.where(trans, -gy * e, 0.0)
     else:
         e = tl.exp(s)
         g_t = tl.where(trans, gy, 0.0)
-    g_v = _net_backward(g_t, rows, rmask, N, pid, w_in, w_mid, w_out, vec, sig,
-                        hsave, gsave, pvec, psig, 1, N_RES, N_MLP, DP, HP, VW, BM, BH, PREC)
+    g_v = _net_backward(g_t, pid, w_in, w_mid, w_out, vec, sig, hsave, gsave,
+                        pvec, psig, NP, 1, N_RES, N_MLP, DP, HP, VW, BM, BH, PREC)
     tl.debug_barrier()
     g_v += tl.load(gu_ptr + ptrs, mask=mask, other=0.0)
     gy = tl.load(gy_ptr + ptrs, mask=mask, other=0.0)
@@ -342,34 +346,32 @@ def _step_bwd_kernel(
 
 @triton.jit
 def _wgrad_kernel(
-    gsave, hsave, vec, out, N,
+    gsave, hsave, vec, out, NP,
     N_RES: tl.constexpr, N_MLP: tl.constexpr, VW: tl.constexpr, I0: tl.constexpr,
     CNT: tl.constexpr, OUT_W: tl.constexpr, IN_W: tl.constexpr,
     BO: tl.constexpr, BI: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
 ):
     """``g_W[z] = G_iᵀ · swish(h_i)`` for linears ``i ∈ [I0, I0+CNT)`` of every block of both
-    nets (``z = (net·R + r)·CNT + i - I0``), tile ``(BO, BI)``, rows reduced in order."""
+    nets (``z = (net·R + r)·CNT + i - I0``), tile ``(BO, BI)``, the ``NP`` (padded, a multiple
+    of ``BN``) rows reduced in order."""
     z = tl.program_id(2)
     net = z // (N_RES * CNT)
     r = (z // CNT) % N_RES
     i = I0 + z % CNT
     o = tl.program_id(0) * BO + tl.arange(0, BO)
     c = tl.program_id(1) * BI + tl.arange(0, BI)
-    gslot = (net * N_RES + r) * (N_MLP + 1) + i
-    hslot = net * (N_RES * (N_MLP + 1) + 1) + r * (N_MLP + 1) + i
-    g_base = gsave + gslot * N * VW
-    h_base = hsave + hslot * N * VW
+    n = tl.arange(0, BN)
     omask = o < OUT_W
     cmask = c < IN_W
+    gslot = (net * N_RES + r) * (N_MLP + 1) + i
+    hslot = net * (N_RES * (N_MLP + 1) + 1) + r * (N_MLP + 1) + i
+    off_g = n[None, :] * VW + o[:, None]           # Gᵀ tile (BO, BN)
+    off_a = n[:, None] * VW + c[None, :]           # h tile (BN, BI)
     beta = tl.load(vec + gslot * 2 * VW + c, mask=cmask, other=0.0)[None, :]
     acc = tl.zeros((BO, BI), out.dtype.element_ty)
-    for n0 in range(0, N, BN):
-        n = n0 + tl.arange(0, BN)
-        nmask = n < N
-        g = tl.load(g_base + n[None, :] * VW + o[:, None],
-                    mask=nmask[None, :] & omask[:, None], other=0.0)
-        h = tl.load(h_base + n[:, None] * VW + c[None, :],
-                    mask=nmask[:, None] & cmask[None, :], other=0.0)
+    for n0 in range(0, NP, BN):
+        g = tl.load(gsave + (gslot * NP + n0) * VW + off_g, mask=omask[:, None], other=0.0)
+        h = tl.load(hsave + (hslot * NP + n0) * VW + off_a, mask=cmask[None, :], other=0.0)
         acc = _mm(g, _swish(h, beta), acc, PREC)
     tl.store(out + z * (OUT_W * IN_W) + o[:, None] * IN_W + c[None, :], acc,
              mask=omask[:, None] & cmask[None, :])
@@ -381,37 +383,51 @@ INTERPRETED = isinstance(_step_fwd_kernel, InterpretedFunction)
 # --- launchers ---------------------------------------------------------------------------
 
 
+# Tiles per precision on the GPU: BH (hidden chunk), and per kernel (rows per program BM or the
+# weight GEMM's (BO, BI, BN), num_warps, num_stages). Chosen with python -m
+# rgflow_fast.kernels.aot so that no configuration spills on sm_80 and sm_90.
+_GPU_TILES = {
+    "fp32": dict(BH=32, fwd=(64, 8, 1), bwd=(64, 8, 1), wgrad=(32, 32, 32, 4, 2)),
+    "tf32": dict(BH=32, fwd=(64, 8, 1), bwd=(64, 8, 1), wgrad=(64, 64, 32, 4, 2)),
+    "bf16": dict(BH=64, fwd=(64, 8, 1), bwd=(64, 8, 1), wgrad=(64, 64, 32, 4, 2)),
+}
+# The interpreter runs a program as numpy ops: few, small programs are fastest.
+_INTERPRETER_TILES = dict(BH=16, fwd=(16, 4, 1), bwd=(16, 4, 1), wgrad=(16, 16, 16, 4, 1))
+
+
 class TileConfig:
-    """Tile sizes of a shape: rows per program ``BM``, hidden chunk ``BH``, padded widths
-    ``DP`` (features), ``HP`` (hidden), ``VW = max(DP, HP)`` (slot width of the saved
-    buffers), warps per program, and the weight-GEMM tile ``(BO, BI, BN)``."""
+    """Tile sizes of a shape: hidden chunk ``BH``; padded widths ``DP`` (features), ``HP``
+    (hidden, a multiple of ``BH``) and ``VW = max(DP, HP)`` (slot width of the saved buffers);
+    per kernel rows per program and ``num_warps``/``num_stages``; the weight GEMM's
+    ``(BO, BI, BN)`` tile; and ``ROWS``, the multiple the saved buffers' rows are padded to."""
 
     def __init__(self, D, hidden, interpreted, precision):
+        tiles = _INTERPRETER_TILES if interpreted else _GPU_TILES[precision]
         self.DP = max(16, triton.next_power_of_2(D))
-        if interpreted:
-            # The interpreter runs a program as numpy ops: few, small programs are fastest.
-            self.BM, self.BH = 16, 16
-        else:
-            # Tuned with python -m rgflow_fast.kernels.aot (no spills on sm_80 / sm_90).
-            self.BM, self.BH = 64, 64 if precision == "bf16" else 32
+        self.BH = tiles["BH"]
         self.HP = self.BH * triton.cdiv(max(hidden, 1), self.BH)
         self.VW = max(self.DP, self.HP)
-        self.num_warps = 4
-        self.BO = self.BI = 16 if interpreted else 64
-        self.BN = 16 if interpreted else 32
+        self.fwd_BM, self.fwd_warps, self.fwd_stages = tiles["fwd"]
+        self.bwd_BM, self.bwd_warps, self.bwd_stages = tiles["bwd"]
+        self.BO, self.BI, self.BN, self.wgrad_warps, self.wgrad_stages = tiles["wgrad"]
+        self.ROWS = max(self.fwd_BM, self.bwd_BM, self.BN)
+
+    def padded_rows(self, N):
+        return triton.cdiv(N, self.ROWS) * self.ROWS
 
     def __repr__(self):
-        return (f"TileConfig(BM={self.BM}, BH={self.BH}, DP={self.DP}, HP={self.HP}, "
-                f"num_warps={self.num_warps})")
+        return (f"TileConfig(DP={self.DP}, HP={self.HP}, BH={self.BH}, fwd=({self.fwd_BM}, "
+                f"{self.fwd_warps}), bwd=({self.bwd_BM}, {self.bwd_warps}), wgrad=({self.BO}, "
+                f"{self.BI}, {self.BN}, {self.wgrad_warps}))")
 
 
 def tile_config(D, hidden, device, precision="fp32"):
     return TileConfig(D, hidden, device.type != "cuda", precision)
 
 
-def _meta(cfg, K, n_res, n_mlp, precision):
-    return dict(K=K, N_RES=n_res, N_MLP=n_mlp, DP=cfg.DP, HP=cfg.HP, VW=cfg.VW, BM=cfg.BM,
-                BH=cfg.BH, PREC=PRECISIONS[precision], num_warps=cfg.num_warps)
+def _meta(cfg, K, n_res, n_mlp, precision, BM, num_warps, num_stages):
+    return dict(K=K, N_RES=n_res, N_MLP=n_mlp, DP=cfg.DP, HP=cfg.HP, VW=cfg.VW, BM=BM,
+                BH=cfg.BH, PREC=PRECISIONS[precision], num_warps=num_warps, num_stages=num_stages)
 
 
 def step_forward(u, w_in, w_mid, w_out, vec, sig, cfg, K, parity, inverse, n_res, n_mlp,
@@ -419,18 +435,21 @@ def step_forward(u, w_in, w_mid, w_out, vec, sig, cfg, K, parity, inverse, n_res
     """One step on ``u (N, D)`` (contiguous). Weights packed as
     :func:`rgflow_fast.triton_layer.pack_params` packs them, in the operand dtype.
 
-    Returns ``(u' (N, D), rows (N,), hsave)``; ``hsave (2, R·(n_mlp+1)+1, N, VW)`` holds the
-    pre-activations when ``store`` (else an empty tensor)."""
+    Returns ``(u' (N, D), rows (N,), hsave)``; ``hsave (2, R·(n_mlp+1)+1, NP, VW)`` (rows
+    padded to ``NP = cfg.padded_rows(N)``) holds the pre-activations when ``store`` (else it
+    is empty)."""
     N, D = u.shape
-    grid = (triton.cdiv(N, cfg.BM),)
+    NP = cfg.padded_rows(N)
+    grid = (NP // cfg.fwd_BM,)  # padded rows too: every saved row is written
     y = torch.empty_like(u)
     rows = u.new_empty(N)
-    scr = torch.empty(grid[0] * 2 * cfg.BM * cfg.HP, dtype=w_in.dtype, device=u.device)
+    scr = torch.empty(grid[0] * 2 * cfg.fwd_BM * cfg.HP, dtype=w_in.dtype, device=u.device)
     nslot = n_res * (n_mlp + 1) + 1
-    hsave = u.new_empty((2, nslot, N, cfg.VW) if store else (0,))
+    hsave = u.new_empty((2, nslot, NP, cfg.VW) if store else (0,))
     _step_fwd_kernel[grid](
-        u, y, rows, w_in, w_mid, w_out, vec, sig, scr, hsave if store else u, N, D,
-        PARITY=parity, INVERSE=inverse, STORE=store, **_meta(cfg, K, n_res, n_mlp, precision),
+        u, y, rows, w_in, w_mid, w_out, vec, sig, scr, hsave if store else u, N, NP, D,
+        PARITY=parity, INVERSE=inverse, STORE=store,
+        **_meta(cfg, K, n_res, n_mlp, precision, cfg.fwd_BM, cfg.fwd_warps, cfg.fwd_stages),
     )
     return y, rows, hsave
 
@@ -438,24 +457,26 @@ def step_forward(u, w_in, w_mid, w_out, vec, sig, cfg, K, parity, inverse, n_res
 def step_backward(u, g_y, g_rows, hsave, w_in, w_mid, w_out, vec, sig, cfg, K, parity, inverse,
                   n_res, n_mlp, precision):
     """Backward of one step. Returns ``(g_u (N, D), G, g_β partials, g_σ partials)`` with
-    ``G (2, R, n_mlp+1, N, VW)`` each linear's output gradient, ``g_β`` partials
-    ``(programs, 2, R, n_mlp+1, VW)``, ``g_σ`` partials ``(programs, 2, DP)``."""
+    ``G (2, R, n_mlp+1, NP, VW)`` each linear's output gradient (zero on padded rows),
+    ``g_β`` partials ``(programs, 2, R, n_mlp+1, VW)``, ``g_σ`` partials ``(programs, 2, DP)``."""
     N, D = u.shape
-    grid = (triton.cdiv(N, cfg.BM),)
+    NP = cfg.padded_rows(N)
+    grid = (NP // cfg.bwd_BM,)
     g_u = torch.empty_like(u)
-    gsave = u.new_empty(2, n_res, n_mlp + 1, N, cfg.VW)
+    gsave = u.new_empty(2, n_res, n_mlp + 1, NP, cfg.VW)
     pvec = u.new_zeros(grid[0], 2, n_res, n_mlp + 1, cfg.VW)
     psig = u.new_empty(grid[0], 2, cfg.DP)
     _step_bwd_kernel[grid](
-        u, g_y, g_rows, g_u, w_in, w_mid, w_out, vec, sig, hsave, gsave, pvec, psig, N, D,
-        PARITY=parity, INVERSE=inverse, **_meta(cfg, K, n_res, n_mlp, precision),
+        u, g_y, g_rows, g_u, w_in, w_mid, w_out, vec, sig, hsave, gsave, pvec, psig, N, NP, D,
+        PARITY=parity, INVERSE=inverse,
+        **_meta(cfg, K, n_res, n_mlp, precision, cfg.bwd_BM, cfg.bwd_warps, cfg.bwd_stages),
     )
     return g_u, gsave, pvec, psig
 
 
 def weight_grads(gsave, hsave, vec, cfg, n_res, n_mlp, precision, dtype):
     """``(g_W_in (2R, HP, DP), g_W_mid (2R(n_mlp-1), HP, HP), g_W_out (2R, DP, HP))``."""
-    N = gsave.shape[3]
+    NP = gsave.shape[3]
     out = []
     for i0, cnt, out_w, in_w in ((0, 1, cfg.HP, cfg.DP), (1, n_mlp - 1, cfg.HP, cfg.HP),
                                  (n_mlp, 1, cfg.DP, cfg.HP)):
@@ -463,9 +484,9 @@ def weight_grads(gsave, hsave, vec, cfg, n_res, n_mlp, precision, dtype):
         if g.numel():
             grid = (triton.cdiv(out_w, cfg.BO), triton.cdiv(in_w, cfg.BI), 2 * n_res * cnt)
             _wgrad_kernel[grid](
-                gsave, hsave, vec, g, N, N_RES=n_res, N_MLP=n_mlp, VW=cfg.VW, I0=i0, CNT=cnt,
+                gsave, hsave, vec, g, NP, N_RES=n_res, N_MLP=n_mlp, VW=cfg.VW, I0=i0, CNT=cnt,
                 OUT_W=out_w, IN_W=in_w, BO=cfg.BO, BI=cfg.BI, BN=cfg.BN,
-                PREC=PRECISIONS[precision], num_warps=cfg.num_warps,
+                PREC=PRECISIONS[precision], num_warps=cfg.wgrad_warps, num_stages=cfg.wgrad_stages,
             )
         out.append(g)
     return out

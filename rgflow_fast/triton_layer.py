@@ -77,7 +77,7 @@ def unsupported_reason(u: Tensor, params, n_mlp: int, precision: str = "fp32"):
         return f"Triton kernels run on CUDA tensors (or CPU ones in its interpreter), not {u.device.type}"
     n_res = net_layout(len(params), n_mlp)
     cfg = _k.tile_config(D, _hidden(params, n_res, D), u.device, precision)
-    if 2 * (n_res * (n_mlp + 1) + 1) * u.shape[0] * cfg.VW > _INT32_MAX:
+    if 2 * (n_res * (n_mlp + 1) + 1) * cfg.padded_rows(u.shape[0]) * cfg.VW > _INT32_MAX:
         return (f"{u.shape[0]} rows is too many for one call (the saved activations would pass "
                 f"2^31 elements); split the batch")
     return None
@@ -152,7 +152,7 @@ def _layer(
 def _(u, w_in, w_mid, w_out, vec, sig, kernel_size, n_res, n_mlp, hidden, inverse, store, precision):
     N, D = u.shape[0], u[0].numel()
     cfg = _k.tile_config(D, hidden, u.device, precision)
-    saved = (2, n_res * (n_mlp + 1) + 1, N, cfg.VW) if store else (0,)
+    saved = (2, n_res * (n_mlp + 1) + 1, cfg.padded_rows(N), cfg.VW) if store else (0,)
     return (u.new_empty(u.shape), u.new_empty(2, N), u.new_empty(N, D), u.new_empty(saved),
             u.new_empty(saved))
 
