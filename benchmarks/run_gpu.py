@@ -12,7 +12,11 @@ call; run them separately with --phase):
     tests        python -m pytest tests/ ; the output goes to <stem>-tests.log
     bench-ops    python -m pytest benchmarks/test_rg_coupling.py --benchmark-json ...
     bench-model  python -m pytest benchmarks/test_model.py --benchmark-json ...
-    bench        bench-ops, bench-model, then report
+    bench-layer  the fused coupling layer per precision mode, forward and forward+backward,
+                 batch 64 and 512 (benchmarks/test_rg_coupling_layer_gpu.py -k test_layer)
+    bench-step   the paper training step per precision mode, eager and as a CUDA graph,
+                 batch 64 and 512 (benchmarks/test_rg_coupling_layer_gpu.py -k test_train_step)
+    bench        bench-ops, bench-model, bench-layer, bench-step, then report
     report       pytest-benchmark json files -> <stem>.json (results) + <stem>.md (table)
     all          build, tests, bench
 
@@ -39,6 +43,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 PHASE_TIMEOUT_S = 470
+# benchmark suite -> pytest arguments (each suite is one phase, one pytest session, one json)
+SUITES = {
+    "ops": ["benchmarks/test_rg_coupling.py"],
+    "model": ["benchmarks/test_model.py"],
+    "layer": ["benchmarks/test_rg_coupling_layer_gpu.py", "-k", "test_layer"],
+    "step": ["benchmarks/test_rg_coupling_layer_gpu.py", "-k", "test_train_step"],
+}
 BACKEND_ORDER = ("torch", "torch_compile", "triton", "cuda", "cpp")
 
 
@@ -277,11 +288,10 @@ class Runner:
         return status
 
     def bench_suite(self, suite: str) -> int:
-        files = {"ops": "test_rg_coupling.py", "model": "test_model.py"}
         json_path = self.results / f"{self.stem}-{suite}.bench.json"
         log = self.results / f"{self.stem}-{suite}.log"
         log.unlink(missing_ok=True)
-        status = self.command([sys.executable, "-m", "pytest", f"benchmarks/{files[suite]}", "-q",
+        status = self.command([sys.executable, "-m", "pytest", *SUITES[suite], "-q",
                                "-ra", "-p", "no:cacheprovider", f"--benchmark-json={json_path}",
                                "--benchmark-columns=min,median,iqr,rounds,iterations"], log)
         self.publish(log)
@@ -290,7 +300,7 @@ class Runner:
         return status
 
     def report(self) -> int:
-        inputs = self.inputs or [p for p in (self.results / f"{self.stem}-{s}.bench.json" for s in ("ops", "model"))
+        inputs = self.inputs or [p for p in (self.results / f"{self.stem}-{s}.bench.json" for s in SUITES)
                                  if p.exists()]
         if not inputs:
             print(f"no benchmark json for {self.stem} in {self.results}: run --phase bench first", file=sys.stderr)
@@ -347,7 +357,48 @@ def warm_backends(device: str) -> int:
                 failed += 1
                 continue
             print(f"backend {name}: ready on {device} ({time.time() - start:.1f} s to first result)")
+    if device == "cuda":
+        failed += warm_fused_layer()
     return 1 if failed else 0
+
+
+def warm_fused_layer() -> int:
+    """Compile the fused layer's Triton kernels (each precision mode, forward, backward and
+    inverse at the paper config) into Triton's cache, so the benchmark phases do not time it."""
+    import torch
+
+    try:
+        from rgflow_fast import triton_layer
+    except ImportError as exc:
+        print(f"fused layer: not importable: {exc}")
+        return 1
+    D, hidden, n_res, n_mlp = 48, 512, 4, 2
+    widths = [D] + [hidden] * n_mlp + [D]
+    params = []
+    for _ in range(2):
+        for _ in range(n_res):
+            for w_in, w_out in zip(widths[:-1], widths[1:]):
+                params += [torch.ones(w_in), torch.randn(w_out, w_in), torch.ones(w_out, 1), torch.zeros(w_out)]
+        params.append(torch.zeros(D))
+    params = [p.cuda().requires_grad_() for p in params]
+    u = torch.randn(128, 3, 4, 4, device="cuda", requires_grad=True)
+    ldj = torch.zeros(2, device="cuda")
+    failed = 0
+    for precision in triton_layer.PRECISIONS:
+        start = time.time()
+        try:
+            for recompute in (False, True):
+                y, out = triton_layer.rg_coupling_layer(u, ldj, params, n_mlp, False, recompute, precision)
+                (y.sum() + out.sum()).backward()
+            with torch.no_grad():
+                triton_layer.rg_coupling_layer(y, out, params, n_mlp, True, False, precision)
+            torch.cuda.synchronize()
+        except Exception as exc:  # noqa: BLE001 - report every failure, then go on
+            print(f"fused layer {precision}: FAILED: {type(exc).__name__}: {exc}")
+            failed += 1
+            continue
+        print(f"fused layer {precision}: ready ({time.time() - start:.1f} s to compile and run)")
+    return failed
 
 
 PHASES = {
@@ -355,9 +406,11 @@ PHASES = {
     "tests": ["tests"],
     "bench-ops": ["bench-ops"],
     "bench-model": ["bench-model"],
-    "bench": ["bench-ops", "bench-model", "report"],
+    "bench-layer": ["bench-layer"],
+    "bench-step": ["bench-step"],
+    "bench": ["bench-ops", "bench-model", "bench-layer", "bench-step", "report"],
     "report": ["report"],
-    "all": ["build", "tests", "bench-ops", "bench-model", "report"],
+    "all": ["build", "tests", "bench-ops", "bench-model", "bench-layer", "bench-step", "report"],
 }
 
 
@@ -380,8 +433,7 @@ def main(argv=None) -> int:
         args.device = None
     runner = Runner(args)
     steps = {"build": runner.build, "tests": runner.tests, "report": runner.report,
-             "bench-ops": lambda: runner.bench_suite("ops"),
-             "bench-model": lambda: runner.bench_suite("model")}
+             **{f"bench-{suite}": (lambda suite=suite: runner.bench_suite(suite)) for suite in SUITES}}
     statuses = {}
     for step in PHASES[args.phase]:
         print(f"=== {step}", flush=True)
