@@ -27,52 +27,6 @@
 namespace rgflow_fast {
 namespace {
 
-// e^x - 1 in float without libm calls, so that loops over it vectorise. e^x = 2^n e^r with
-// n = round(x / ln 2), |r| <= ln2 / 2, and e^r - 1 by its Taylor series to degree 7
-// (remainder < 6e-9, below float rounding); accurate relative to the result near 0 too.
-// x is clamped to [-87, 87] (so 2^n stays a normal float); NaN passes through.
-inline float expm1_fast(float x) {
-  float xc = x < -87.f ? -87.f : (x > 87.f ? 87.f : x);
-  xc = x == x ? xc : 0.f;
-  const float shift = 12582912.f;  // 1.5 * 2^23: adding and subtracting it rounds to an integer
-  const float n = (xc * 1.44269504088896341f + shift) - shift;
-  // ln 2 = 0.693359375 - 2.12194440e-4, the first part short enough that n * it is exact
-  const float r = (xc - n * 0.693359375f) - n * -2.12194440e-4f;
-  float p = 1.f / 5040.f;
-  p = p * r + 1.f / 720.f;
-  p = p * r + 1.f / 120.f;
-  p = p * r + 1.f / 24.f;
-  p = p * r + 1.f / 6.f;
-  p = p * r + 0.5f;
-  p = p * r + 1.f;
-  const float em1_r = p * r;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;  // 2^n
-  std::memcpy(&scale, &bits, sizeof scale);
-  const float out = scale * em1_r + (scale - 1.f);
-  return x == x ? out : x;
-}
-
-// tanh x = -expm1(-2|x|) / (2 + expm1(-2|x|)), with the sign of x.
-inline float tanh_fast(float x) {
-  const float em1 = expm1_fast(-2.f * std::fabs(x));
-  return std::copysign(-em1 / (2.f + em1), x);
-}
-
-// The math of the compute type: vectorisable float versions, libm for double.
-template <typename T>
-struct Math;
-template <>
-struct Math<float> {
-  static float tanh(float x) { return tanh_fast(x); }
-  static float exp(float x) { return 1.f + expm1_fast(x); }
-};
-template <>
-struct Math<double> {
-  static double tanh(double x) { return std::tanh(x); }
-  static double exp(double x) { return std::exp(x); }
-};
-
 // Lattice coordinate of every image row/column (-1 off the lattice), and the column part of
 // the patch offset of every lattice column.
 struct Tables {

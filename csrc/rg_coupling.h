@@ -1,6 +1,7 @@
 // Shared by the CPU (rg_coupling.cpp) and CUDA (rg_coupling_cuda.cu) kernels of the
-// rg_coupling family: block geometry, the coupling formulas, and the host-side input checks
-// and output allocation of every op (written once here, so both devices check the same).
+// rg_coupling family: block geometry, the coupling formulas, the CPU's vectorisable math, and
+// the host-side input checks and output allocation of every op (written once here, so both
+// devices check the same). Other CPU kernel families may use the math too.
 //
 // Geometry (see rgflow_fast/geometry.py): an image (B, C, L, L), a block with kernel k
 // (even), dilation d and offset off has m = L/(k*d) patches per side, P = m*m per image.
@@ -42,12 +43,6 @@ struct Geometry {
   }
   RG_HOST_DEVICE int64_t col_offset(int64_t qj) const { return (qj / k) * C * k * k + qj % k; }
 
-  // Offset in the patch tensor of pixel (i, j) of image plane (b, c), or -1 when no patch
-  // holds it.
-  RG_HOST_DEVICE int64_t patch_offset(int64_t b, int64_t c, int64_t i, int64_t j) const {
-    const int64_t qi = lattice(i), qj = lattice(j);
-    return qi < 0 || qj < 0 ? -1 : row_offset(b, c, qi) + col_offset(qj);
-  }
 
   // Whether a step with this parity transforms lattice pixel (qi, qj): a + b + parity odd
   // (k is even, so a = qi mod k has the parity of qi).
@@ -55,10 +50,16 @@ struct Geometry {
     return ((qi + qj + parity) & 1) != 0;
   }
 
-  // Whether a step with this parity transforms pixel (i, j) (never a pixel off the lattice).
-  RG_HOST_DEVICE bool transforms(int64_t i, int64_t j, int64_t parity) const {
+  // Where pixel (i, j) of image plane (b, c) sits: its offset in the patch tensor (-1 when no
+  // patch holds it) and whether a step with this parity transforms it.
+  struct Site {
+    int64_t p;
+    bool transformed;
+  };
+  RG_HOST_DEVICE Site site(int64_t b, int64_t c, int64_t i, int64_t j, int64_t parity) const {
     const int64_t qi = lattice(i), qj = lattice(j);
-    return qi >= 0 && qj >= 0 && transformed(qi, qj, parity);
+    if (qi < 0 || qj < 0) return {-1, false};
+    return {row_offset(b, c, qi) + col_offset(qj), transformed(qi, qj, parity)};
   }
 };
 
@@ -80,6 +81,63 @@ RG_HOST_DEVICE void coupling_grads(T g, T gl, T u, T t, T th, T e, T& gu, T& gs,
 }
 
 }  // namespace rgflow_fast
+
+#ifndef __CUDACC__
+#include <cmath>
+#include <cstring>
+
+namespace rgflow_fast {
+
+// --- CPU math: tanh and exp that vectorise (no libm calls in float) -------------------------
+
+// e^x - 1 in float without libm calls, so that loops over it vectorise. e^x = 2^n e^r with
+// n = round(x / ln 2), |r| <= ln2 / 2, and e^r - 1 by its Taylor series to degree 7
+// (remainder < 6e-9, below float rounding); accurate relative to the result near 0 too.
+// x is clamped to [-87, 87] (so 2^n stays a normal float); NaN passes through.
+inline float expm1_fast(float x) {
+  float xc = x < -87.f ? -87.f : (x > 87.f ? 87.f : x);
+  xc = x == x ? xc : 0.f;
+  const float shift = 12582912.f;  // 1.5 * 2^23: adding and subtracting it rounds to an integer
+  const float n = (xc * 1.44269504088896341f + shift) - shift;
+  // ln 2 = 0.693359375 - 2.12194440e-4, the first part short enough that n * it is exact
+  const float r = (xc - n * 0.693359375f) - n * -2.12194440e-4f;
+  float p = 1.f / 5040.f;
+  p = p * r + 1.f / 720.f;
+  p = p * r + 1.f / 120.f;
+  p = p * r + 1.f / 24.f;
+  p = p * r + 1.f / 6.f;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  const float em1_r = p * r;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;  // 2^n
+  std::memcpy(&scale, &bits, sizeof scale);
+  const float out = scale * em1_r + (scale - 1.f);
+  return x == x ? out : x;
+}
+
+// tanh x = -expm1(-2|x|) / (2 + expm1(-2|x|)), with the sign of x.
+inline float tanh_fast(float x) {
+  const float em1 = expm1_fast(-2.f * std::fabs(x));
+  return std::copysign(-em1 / (2.f + em1), x);
+}
+
+// The math of the compute type: vectorisable float versions, libm for double.
+template <typename T>
+struct Math;
+template <>
+struct Math<float> {
+  static float tanh(float x) { return tanh_fast(x); }
+  static float exp(float x) { return 1.f + expm1_fast(x); }
+};
+template <>
+struct Math<double> {
+  static double tanh(double x) { return std::tanh(x); }
+  static double exp(double x) { return std::exp(x); }
+};
+
+}  // namespace rgflow_fast
+#endif  // __CUDACC__
 
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>

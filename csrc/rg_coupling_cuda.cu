@@ -49,7 +49,7 @@ template <typename scalar_t>
 __global__ void gather_kernel(Geometry g, const scalar_t* __restrict__ x,
                               scalar_t* __restrict__ patches) {
   for_block_pixels(g, [&](int64_t b, int64_t c, int64_t i, int64_t j, int64_t o) {
-    const int64_t p = g.patch_offset(b, c, i, j);
+    const int64_t p = g.site(b, c, i, j, 0).p;
     if (p >= 0) patches[p] = x[o];
   });
 }
@@ -58,7 +58,7 @@ template <typename scalar_t>
 __global__ void scatter_kernel(Geometry g, const scalar_t* __restrict__ patches,
                                const scalar_t* __restrict__ x, scalar_t* __restrict__ out) {
   for_block_pixels(g, [&](int64_t b, int64_t c, int64_t i, int64_t j, int64_t o) {
-    const int64_t p = g.patch_offset(b, c, i, j);
+    const int64_t p = g.site(b, c, i, j, 0).p;
     out[o] = p >= 0 ? patches[p] : x[o];
   });
 }
@@ -72,8 +72,8 @@ __global__ void coupling_kernel(Geometry g, int64_t parity, const scalar_t* __re
   using T = at::opmath_type<scalar_t>;
   T acc = 0;
   for_block_pixels(g, [&](int64_t b, int64_t c, int64_t i, int64_t j, int64_t o) {
-    const int64_t p = g.patch_offset(b, c, i, j);
-    if (!g.transforms(i, j, parity)) {
+    const auto [p, transformed] = g.site(b, c, i, j, parity);
+    if (!transformed) {
       out[o] = x[o];
       if (v != nullptr && p >= 0) v[p] = scalar_t(0);
       return;
@@ -108,8 +108,8 @@ __global__ void coupling_backward_kernel(Geometry g, int64_t parity,
                                          scalar_t* __restrict__ g_t) {
   using T = at::opmath_type<scalar_t>;
   for_block_pixels(g, [&](int64_t b, int64_t c, int64_t i, int64_t j, int64_t o) {
-    const int64_t p = g.patch_offset(b, c, i, j);
-    if (!g.transforms(i, j, parity)) {
+    const auto [p, transformed] = g.site(b, c, i, j, parity);
+    if (!transformed) {
       g_x[o] = g_y[o];
       if (p >= 0) {
         g_s[p] = scalar_t(0);
