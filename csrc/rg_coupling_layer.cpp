@@ -20,10 +20,11 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "rg_coupling.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <vector>
 
 // BLAS as torch links it (MKL or OpenBLAS export the Fortran symbols); weak, so that a torch
@@ -88,56 +89,10 @@ void mm_gt_a_acc(int64_t rows, int64_t out, int64_t in, const T* G, int64_t ldg,
   Blas<T>::gemm('n', 't', in, out, rows, T(1), A, lda, G, ldg, T(1), dW, in);
 }
 
-// exp as arithmetic only, so that GCC vectorises the loops that call it (libm's exp is a
-// call per element). Cody-Waite reduction x = n·ln2 + r, |r| ≤ ln2/2, then a Taylor
-// polynomial: relative error ~1e-7 (float) and ~2e-16 (double). Inputs are clamped to the
-// normal range, which only matters for sigmoid's tails (where it changes nothing).
-inline float fast_exp(float x) {
-  x = std::min(std::max(x, -87.0f), 88.0f);
-  const float magic = 12582912.0f;  // 1.5·2^23: adding it rounds to an integer
-  float n = (x * 1.44269504088896341f + magic) - magic;
-  float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-  float p = 1.0f / 5040;
-  p = p * r + 1.0f / 720;
-  p = p * r + 1.0f / 120;
-  p = p * r + 1.0f / 24;
-  p = p * r + 1.0f / 6;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
-}
-
-inline double fast_exp(double x) {
-  x = std::min(std::max(x, -708.0), 709.0);
-  const double magic = 6755399441055744.0;  // 1.5·2^52
-  double n = (x * 1.4426950408889634074 + magic) - magic;
-  double r = (x - n * 6.93145751953125e-1) - n * 1.42860682030941723212e-6;
-  double p = 1.0 / 479001600;
-  p = p * r + 1.0 / 39916800;
-  p = p * r + 1.0 / 3628800;
-  p = p * r + 1.0 / 362880;
-  p = p * r + 1.0 / 40320;
-  p = p * r + 1.0 / 5040;
-  p = p * r + 1.0 / 720;
-  p = p * r + 1.0 / 120;
-  p = p * r + 1.0 / 24;
-  p = p * r + 1.0 / 6;
-  p = p * r + 0.5;
-  p = p * r + 1.0;
-  p = p * r + 1.0;
-  int64_t bits = (static_cast<int64_t>(n) + 1023) << 52;
-  double scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
-}
-
+// sigmoid on rg_coupling.h's exp, which vectorises in float
 template <typename T>
 inline T sigmoid(T x) {
-  return T(1) / (T(1) + fast_exp(-x));
+  return T(1) / (T(1) + Math<T>::exp(-x));
 }
 
 // Where each activation of a tile lives: segment-major, so that every segment of a tile is a
@@ -263,9 +218,9 @@ void tile_forward(const Problem<T>& p, const Record<T>& rec, int64_t rows, const
       for (int64_t j = 0; j < D; ++j) {
         if (!tr[j]) continue;
         const int64_t i = row * D + j;
-        const T s = std::tanh(sig_s[j] * zs[i]);
+        const T s = Math<T>::tanh(sig_s[j] * zs[i]);
         const T t = sig_t[j] * zt[i];
-        cur[i] = p.inverse ? (cur[i] - t) * std::exp(-s) : cur[i] * std::exp(s) + t;
+        cur[i] = p.inverse ? (cur[i] - t) * Math<T>::exp(-s) : cur[i] * Math<T>::exp(s) + t;
         acc += s;
       }
       ldj_rows[row * 2 + st] = p.inverse ? -acc : acc;
@@ -333,16 +288,16 @@ void tile_backward(const Problem<T>& p, const GradLayout& gl_layout, const Recor
           gnet[0][i] = gnet[1][i] = T(0);
           continue;
         }
-        const T s = std::tanh(sig_s[j] * zs[i]);
+        const T s = Math<T>::tanh(sig_s[j] * zs[i]);
         const T dtanh = T(1) - s * s;
         T g_s, g_t;
         if (!p.inverse) {  // y = x·e^s + t, ldj += s
-          const T e = std::exp(s);
+          const T e = Math<T>::exp(s);
           g_s = (g[i] * x[i] * e + gl[row]) * dtanh;
           g_t = g[i];
           g[i] = g[i] * e;
         } else {  // y = (x - t)·e^{-s}, ldj -= s
-          const T e = std::exp(-s);
+          const T e = Math<T>::exp(-s);
           const T t = sig_t[j] * zt[i];
           g_s = (-g[i] * (x[i] - t) * e - gl[row]) * dtanh;
           g_t = -g[i] * e;
