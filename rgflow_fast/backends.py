@@ -11,7 +11,7 @@ every backend (image ``x (B, C, L, L)``, patches ``(B*P, C, k, k)``; formulas in
     rg_coupling(x, s, t, k, d, off, parity, inverse, emit) -> (y, ldj (B,), v)
         one checkerboard coupling step (``inverse``: its inverse); ``v`` is, if ``emit``, the
         next step's net input ``checkerboard(parity) * rg_gather(y)``, else an empty tensor
-    rg_coupling_layer(u, ldj, params, n_mlp, inverse, recompute) -> (u', ldj')
+    rg_coupling_layer(u, ldj, params, n_mlp, inverse, recompute, precision) -> (u', ldj')
         one whole coupling layer, nets included, on the patch tensor
         (:mod:`rgflow_fast.coupling_layer`)
 

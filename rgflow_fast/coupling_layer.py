@@ -35,9 +35,19 @@ import torch
 from . import backends
 from .reference import rg_coupling_layer as reference_layer
 
-__all__ = ["rg_coupling_layer", "reference_layer", "net_layout", "check_layer_inputs", "register_fake_kernels"]
+__all__ = [
+    "PRECISIONS",
+    "rg_coupling_layer",
+    "reference_layer",
+    "net_layout",
+    "check_layer_inputs",
+    "register_fake_kernels",
+]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# The math of the nets' products in a fused GPU layer: exact float32, TF32 tensor cores,
+# bfloat16 operands with float32 accumulation. Backends without such modes compute exactly.
+PRECISIONS = ("fp32", "tf32", "bf16")
 
 
 def net_layout(num_params: int, n_mlp: int) -> int:
@@ -92,19 +102,23 @@ def check_layer_inputs(u, ldj, params, n_mlp) -> int:
     return n_res
 
 
-def rg_coupling_layer(u, ldj, params, n_mlp, inverse=False, recompute=False):
+def rg_coupling_layer(u, ldj, params, n_mlp, inverse=False, recompute=False, precision="fp32"):
     """One RNVP coupling layer on RG patches, nets and coupling fused (module docstring).
 
     ``u (N, C, k, k)``, ``ldj (B,)``, ``params`` the flat list of both nets' tensors.
     Returns ``(u' (N, C, k, k), ldj' (B,))``. ``inverse=True`` undoes the layer (and
     subtracts its log-det). ``recompute=True`` lets a fused backend keep only the inputs
     for the backward pass and recompute the nets' activations there (less memory, one more
-    forward's worth of work). Differentiable in ``u``, ``ldj`` and every parameter.
+    forward's worth of work). ``precision`` (:data:`PRECISIONS`) is the products' math on
+    a backend that has such modes (Triton on a GPU); the others compute in ``u``'s dtype.
+    Differentiable in ``u``, ``ldj`` and every parameter.
     """
     check_layer_inputs(u, ldj, params, n_mlp)
     if not isinstance(inverse, bool) or not isinstance(recompute, bool):
         raise TypeError(f"inverse and recompute must be bools; got {inverse!r}, {recompute!r}")
-    return backends.resolve(u).rg_coupling_layer(u, ldj, list(params), n_mlp, inverse, recompute)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}; got {precision!r}")
+    return backends.resolve(u).rg_coupling_layer(u, ldj, list(params), n_mlp, inverse, recompute, precision)
 
 
 def register_fake_kernels(namespace: str) -> None:

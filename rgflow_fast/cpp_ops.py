@@ -87,7 +87,8 @@ class ExtensionBackend:
         return torch.ops.rgflow_fast.rg_coupling(x, s, t, kernel_size, dilation, offset, parity, inverse, emit)
 
     @staticmethod
-    def rg_coupling_layer(u, ldj, params, n_mlp, inverse, recompute):
+    def rg_coupling_layer(u, ldj, params, n_mlp, inverse, recompute, precision="fp32"):
+        # the C++ layer computes in u's dtype: every precision mode is its exact mode
         if backends.unsupported_by_table(u, LAYER_DTYPES) is None:
             return torch.ops.rgflow_fast.rg_coupling_layer(u, ldj, params, n_mlp, inverse, recompute)
         return reference.rg_coupling_layer(u, ldj, params, n_mlp, inverse, recompute)

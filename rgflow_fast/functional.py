@@ -4,7 +4,9 @@ every backend implements is in :mod:`rgflow_fast.backends`).
 
 Shapes: image ``x (B, C, L, L)``; a block with kernel ``k``, dilation ``d`` has
 ``P = (L/(k*d))**2`` patches per image, stacked as ``(B*P, C, k, k)`` with row ``b*P + p``.
-All ops are differentiable in every tensor input.
+All ops are differentiable in every tensor input. :func:`rg_coupling_layer`, one whole
+coupling layer (nets included) on the patch tensor, is its own op family
+(:mod:`rgflow_fast.coupling_layer`) and is re-exported here.
 
 The validators (:func:`check_image`, :func:`check_patches`, :func:`check_parity`) are public
 for layers built on these ops.
@@ -14,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from . import backends
+from .coupling_layer import rg_coupling_layer
 from .geometry import check_patch_geometry, num_patches
 
 __all__ = [
@@ -22,6 +25,7 @@ __all__ = [
     "rg_coupling",
     "rg_coupling_inverse",
     "rg_coupling_step",
+    "rg_coupling_layer",
     "check_image",
     "check_patches",
     "check_parity",
@@ -66,10 +70,6 @@ def check_parity(parity):
     """Raise unless ``parity`` is 0 or 1."""
     if parity not in (0, 1) or isinstance(parity, bool):
         raise ValueError(f"parity must be 0 (transform a+b odd) or 1 (a+b even); got {parity!r}")
-
-
-# The names rgflow_fast.nn still calls; it moves to the public ones above.
-_check_image, _check_parity = check_image, check_parity
 
 
 def rg_gather(x, kernel_size, dilation, offset):

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from . import backends
+from .coupling_layer import PRECISIONS
 from .geometry import BlockSpec, block_specs, num_levels
 from .invertible import invertible_forward
 from .nets import ResidualMLP
@@ -48,13 +49,15 @@ class RGBlock(nn.Module):
     Every backend runs the same path: one gather, one fused
     :func:`~rgflow_fast.coupling_layer.rg_coupling_layer` per layer on the patch tensor, one
     scatter. The backend is resolved once per call. ``recompute`` (set by
-    ``RGFlow(memory_efficient=True)``) lets the layers keep only their inputs for backward.
+    ``RGFlow(memory_efficient=True)``) lets the layers keep only their inputs for backward;
+    ``precision`` (set by ``RGFlow(precision=...)``) is the fused GPU layer's math.
     """
 
     def __init__(self, spec: BlockSpec, channels: int, n_layers: int, n_res_blocks: int, n_mlp: int, hidden: int):
         super().__init__()
         self.spec = spec
         self.recompute = False
+        self.precision = "fp32"
         features = channels * spec.kernel_size**2
         self.layers = nn.ModuleList(
             CouplingLayer(features, hidden, n_mlp, n_res_blocks) for _ in range(n_layers)
@@ -66,7 +69,9 @@ class RGBlock(nn.Module):
         u = backend.rg_gather(x, *geometry)
         ldj = x.new_zeros(x.shape[0])
         for layer in reversed(self.layers) if inverse else self.layers:
-            u, ldj = backend.rg_coupling_layer(u, ldj, layer.op_parameters(), layer.n_mlp, inverse, self.recompute)
+            u, ldj = backend.rg_coupling_layer(
+                u, ldj, layer.op_parameters(), layer.n_mlp, inverse, self.recompute, self.precision
+            )
         return backend.rg_scatter(u, x, *geometry), ldj
 
     def forward(self, x):
@@ -99,7 +104,15 @@ class RGFlow(nn.Module):
 
     ``memory_efficient=True`` trains with invertible backpropagation
     (:mod:`rgflow_fast.invertible`): no per-block activations are stored; the backward pass
-    rebuilds each block's input by inverting its output. Same gradients up to float rounding.
+    rebuilds each block's input by inverting its output, and each coupling layer keeps only
+    its input, recomputing its nets' activations. Same gradients up to float rounding.
+
+    ``precision`` is the math of the conditioner nets' products in the fused GPU (Triton)
+    layer: ``"fp32"`` (exact float32, the default), ``"tf32"`` (TF32 tensor cores) or
+    ``"bf16"`` (bfloat16 operands, float32 accumulation); the tolerance of each against the
+    float32 reference is in :mod:`rgflow_fast.triton_layer`. The reference and the CPU backend
+    always compute in the tensors' own dtype. It can be changed at any time
+    (``model.precision = "bf16"``), e.g. to train in bf16 and evaluate in fp32.
 
     ``check_inputs`` (default True) validates every input, including a finiteness check
     that costs one device sync per call: NaN or inf input raises ``ValueError``. Set it to
@@ -118,6 +131,7 @@ class RGFlow(nn.Module):
         prior: str = "laplace",
         temperature=1.0,
         memory_efficient: bool = False,
+        precision: str = "fp32",
     ):
         super().__init__()
         n = num_levels(image_size, kernel_size)
@@ -148,6 +162,7 @@ class RGFlow(nn.Module):
         self.prior = Prior(prior, channels, image_size, kernel_size, temperature)
         self.check_inputs = True
         self.memory_efficient = memory_efficient
+        self.precision = precision
 
     @property
     def memory_efficient(self) -> bool:
@@ -159,6 +174,19 @@ class RGFlow(nn.Module):
         self._memory_efficient = bool(value)
         for block in self.blocks:
             block.recompute = self._memory_efficient
+
+    @property
+    def precision(self) -> str:
+        """The math of the fused coupling layers on a GPU (:data:`PRECISIONS`)."""
+        return self._precision
+
+    @precision.setter
+    def precision(self, value: str):
+        if value not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}; got {value!r}")
+        self._precision = value
+        for block in self.blocks:
+            block.precision = value
 
     @property
     def config(self) -> dict:

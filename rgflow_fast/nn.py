@@ -11,9 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import functional as F
-from .geometry import check_patch_geometry
-from .reference import checkerboard
+from . import functional as rgf
+from .geometry import check_patch_geometry, checkerboard
 
 __all__ = ["CheckerboardAffineCoupling"]
 
@@ -54,7 +53,7 @@ class CheckerboardAffineCoupling(nn.Module):
                 f"net must be a callable (an nn.Module) returning (s, t) or one tensor with 2C "
                 f"channels; got {type(net).__name__}"
             )
-        F._check_parity(parity)
+        rgf.check_parity(parity)
         if kernel_size is None:
             if dilation != 1 or offset != 0:
                 raise ValueError(
@@ -84,7 +83,7 @@ class CheckerboardAffineCoupling(nn.Module):
     def _params(self, x, geometry, context):
         """Run the net on the masked input; returns ``(s, t)`` in gather order."""
         k = geometry[0]
-        u = x if self.kernel_size is None else F.rg_gather(x, *geometry)
+        u = x if self.kernel_size is None else rgf.rg_gather(x, *geometry)
         v = u * (1 - checkerboard(k, self.parity, u))
         if context is None:
             out = self.net(v)
@@ -120,16 +119,16 @@ class CheckerboardAffineCoupling(nn.Module):
 
     def forward(self, x, context=None):
         """``x (B, C, L, L) -> (y, ldj (B,))``; ``ldj = Σ tanh s`` over transformed positions."""
-        F._check_image(x)
+        rgf.check_image(x)
         geometry = self._geometry(x)
-        return F.rg_coupling(x, *self._params(x, geometry, context), *geometry, self.parity)
+        return rgf.rg_coupling(x, *self._params(x, geometry, context), *geometry, self.parity)
 
     def inverse(self, y, context=None):
         """``y (B, C, L, L) -> (x, -ldj (B,))``, ``x = (y - t)·exp(-tanh s)`` where transformed."""
-        F._check_image(y, "y")
+        rgf.check_image(y, "y")
         geometry = self._geometry(y)
         # the kept positions of y equal those of x, so the net sees the same input as forward
-        return F.rg_coupling_inverse(y, *self._params(y, geometry, context), *geometry, self.parity)
+        return rgf.rg_coupling_inverse(y, *self._params(y, geometry, context), *geometry, self.parity)
 
     def extra_repr(self) -> str:
         if self.kernel_size is None:

@@ -102,11 +102,12 @@ def _net(v, params, n_res, n_mlp):
     return next(it) * v
 
 
-def rg_coupling_layer(u, ldj, params, n_mlp, inverse, recompute):
+def rg_coupling_layer(u, ldj, params, n_mlp, inverse, recompute, precision="fp32"):
     """One RNVP coupling layer on patches ``u (N, C, k, k)`` (the op family and its parameter
     layout: :mod:`rgflow_fast.coupling_layer`): the original code's nets and coupling, step by
-    step, each step's rows summed per image into ``ldj (B,)``. ``recompute`` is accepted for
-    the common signature (autograd stores what it needs)."""
+    step, each step's rows summed per image into ``ldj (B,)``. ``recompute`` and
+    ``precision`` are accepted for the common signature (autograd stores what it needs; the
+    reference computes in ``u``'s dtype)."""
     per_net = len(params) // 2
     n_res = (per_net - 1) // (4 * (n_mlp + 1))
     s_params, t_params = params[:per_net], params[per_net:]

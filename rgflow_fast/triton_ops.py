@@ -80,5 +80,5 @@ def rg_coupling(x, s, t, kernel_size, dilation, offset, parity, inverse, emit):
     return _ops.rg_coupling(x, s, t, kernel_size, dilation, offset, parity, inverse, emit)
 
 
-def rg_coupling_layer(u, ldj, params, n_mlp, inverse, recompute):
-    return triton_layer.backend_rg_coupling_layer(u, ldj, params, n_mlp, inverse, recompute)
+def rg_coupling_layer(u, ldj, params, n_mlp, inverse, recompute, precision="fp32"):
+    return triton_layer.backend_rg_coupling_layer(u, ldj, params, n_mlp, inverse, recompute, precision)

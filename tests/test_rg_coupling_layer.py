@@ -231,3 +231,25 @@ def test_direct_cpp_op_calls_check_their_inputs():
         ops.rg_coupling_layer(u, torch.zeros(4), params, 1, False, False)
     with pytest.raises(RuntimeError, match="do not match D"):
         ops.rg_coupling_layer(u, ldj, [params[0], params[1].T.contiguous()] + params[2:], 1, False, False)
+
+
+def test_precision_is_checked_and_the_exact_backends_compute_in_the_dtype(seed):
+    with pytest.raises(ValueError, match="precision must be one of"):
+        rf.RGFlow(8, 1, n_layers=1, n_res_blocks=1, n_mlp=1, hidden=4, precision="fp16")
+    model = rf.RGFlow(8, 1, n_layers=1, n_res_blocks=1, n_mlp=1, hidden=4)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    x = torch.randn(2, 1, 8, 8)
+    for backend in ["torch"] + [b for b in FAST_BACKENDS if b == "cpp"]:
+        with rf.use_backend(backend), torch.no_grad():
+            model.precision = "fp32"
+            exact = model(x)
+            model.precision = "bf16"
+            assert all(block.precision == "bf16" for block in model.blocks)
+            assert all(torch.equal(a, b) for a, b in zip(model(x), exact))
+    with pytest.raises(ValueError, match="precision must be one of"):
+        model.precision = "half"
+    layer = CouplingLayer(12, 5, 1, 1)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        coupling_layer.rg_coupling_layer(torch.randn(2, 3, 2, 2), torch.zeros(1), layer.op_parameters(), 1, precision="x")
