@@ -53,40 +53,39 @@ int64_t tile_rows(int64_t N) {
 // the thread count, so that the summation order never depends on the machine).
 constexpr int64_t kMaxChunks = 16;
 
+// The Fortran gemm of type T, or nullptr when torch exports none.
 template <typename T>
-struct Blas;
+using GemmFn = void (*)(const char*, const char*, const int*, const int*, const int*, const T*, const T*, const int*,
+                        const T*, const int*, const T*, T*, const int*);
+template <typename T>
+GemmFn<T> blas_gemm();
 template <>
-struct Blas<float> {
-  static bool available() { return sgemm_ != nullptr; }
-  static void gemm(char ta, char tb, int m, int n, int k, float alpha, const float* a, int lda,
-                   const float* b, int ldb, float beta, float* c, int ldc) {
-    sgemm_(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
-  }
-};
+GemmFn<float> blas_gemm<float>() { return sgemm_; }
 template <>
-struct Blas<double> {
-  static bool available() { return dgemm_ != nullptr; }
-  static void gemm(char ta, char tb, int m, int n, int k, double alpha, const double* a, int lda,
-                   const double* b, int ldb, double beta, double* c, int ldc) {
-    dgemm_(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
-  }
-};
+GemmFn<double> blas_gemm<double>() { return dgemm_; }
+
+// Column-major C (m×n) = alpha·op(A)·op(B) + beta·C.
+template <typename T>
+void gemm(char ta, char tb, int m, int n, int k, T alpha, const T* a, int lda, const T* b, int ldb, T beta, T* c,
+          int ldc) {
+  blas_gemm<T>()(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
+}
 
 // Row-major products (BLAS is column-major: a row-major M is its column-major transpose).
 // C (rows×out, ldc) = A (rows×in, lda) · Wᵀ, W (out×in) contiguous.
 template <typename T>
 void mm_a_wt(int64_t rows, int64_t out, int64_t in, const T* A, int64_t lda, const T* W, T* C, int64_t ldc) {
-  Blas<T>::gemm('t', 'n', out, rows, in, T(1), W, in, A, lda, T(0), C, ldc);
+  gemm<T>('t', 'n', out, rows, in, T(1), W, in, A, lda, T(0), C, ldc);
 }
 // C (rows×in, ldc) = G (rows×out, ldg) · W (out×in).
 template <typename T>
 void mm_g_w(int64_t rows, int64_t out, int64_t in, const T* G, int64_t ldg, const T* W, T* C, int64_t ldc) {
-  Blas<T>::gemm('n', 'n', in, rows, out, T(1), W, in, G, ldg, T(0), C, ldc);
+  gemm<T>('n', 'n', in, rows, out, T(1), W, in, G, ldg, T(0), C, ldc);
 }
 // dW (out×in) += Gᵀ (out×rows) · A (rows×in).
 template <typename T>
 void mm_gt_a_acc(int64_t rows, int64_t out, int64_t in, const T* G, int64_t ldg, const T* A, int64_t lda, T* dW) {
-  Blas<T>::gemm('n', 't', in, out, rows, T(1), A, lda, G, ldg, T(1), dW, in);
+  gemm<T>('n', 't', in, out, rows, T(1), A, lda, G, ldg, T(1), dW, in);
 }
 
 // sigmoid on rg_coupling.h's exp, which vectorises in float
@@ -434,7 +433,7 @@ Sizes check_inputs(const Tensor& u, const Tensor& ldj, at::TensorList params, in
 template <typename T>
 Problem<T> make_problem(const Sizes& s, const std::vector<Tensor>& params, int64_t n_mlp, bool inverse,
                         std::vector<Tensor>& weights) {
-  TORCH_CHECK(Blas<T>::available(),
+  TORCH_CHECK(blas_gemm<T>() != nullptr,
               "rg_coupling_layer (cpu): this torch exports no BLAS gemm (sgemm_/dgemm_); use the 'torch' backend");
   Problem<T> p{Layout(s.D, s.H, s.n_res, n_mlp), {}, {}, inverse};
   const int64_t per_net = static_cast<int64_t>(params.size()) / 2;
