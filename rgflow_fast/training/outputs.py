@@ -16,7 +16,7 @@ from ..model import RGFlow
 from ..transforms import to_pixels
 from .errors import RunError
 
-__all__ = ["RunFolder", "save_pixels", "save_grid", "save_figure", "plot_bpd", "read_checkpoint", "load_for_command"]
+__all__ = ["RunFolder", "save_pixels", "save_grid", "save_figure", "plot_bpd", "read_checkpoint"]
 
 
 def read_checkpoint(path, device="cpu") -> tuple[RGFlow, dict]:
@@ -27,13 +27,6 @@ def read_checkpoint(path, device="cpu") -> tuple[RGFlow, dict]:
         return model_from_payload(payload, path, device), payload
     except CheckpointError as exc:
         raise RunError(str(exc)) from None
-
-
-def load_for_command(path, device) -> RGFlow:
-    """The model of checkpoint ``path`` on ``device``, in eval mode, for sampling or analysis."""
-    model, _ = read_checkpoint(path, device)
-    model.check_inputs = False
-    return model.eval()
 
 
 def save_pixels(path, pixels: torch.Tensor, nrow: int | None = None, padding: int = 2) -> Path:
