@@ -13,14 +13,14 @@ import rgflow_fast as rf  # noqa: E402
 from rgflow_fast.interop.freia import CheckerboardCouplingBlock, RGFlowBlock  # noqa: E402
 
 from conftest import assert_training_lowers_loss, randomize_  # noqa: E402
-from test_nn import coupling_by_hand, harness_tolerance  # noqa: E402
+from test_nn import HARNESS_SCALE, coupling_by_hand, harness_tolerance  # noqa: E402
 
 TOL = dict(rtol=1e-10, atol=1e-10)
 
 
-def small_model(channels=2, image_size=8):
+def small_model(channels=2, image_size=8, scale=0.3):
     model = rf.RGFlow(image_size, channels, kernel_size=4, n_layers=1, n_res_blocks=1, n_mlp=1, hidden=8)
-    return randomize_(model.double())
+    return randomize_(model.double(), scale)
 
 
 def conv_subnet(c_in, c_out):
@@ -223,7 +223,7 @@ def conditional_graph(dtype, C=2, L=8):
             out = self.linear(torch.cat([v.flatten(1), context], dim=1))
             return out.view(v.shape[0], 2 * C, 4, 4)
 
-    model = small_model(C, L)
+    model = small_model(C, L, HARNESS_SCALE)
     inp = Ff.InputNode(C, L, L, name="input")
     c1 = Ff.ConditionNode(1, L, L, name="c1")
     c2 = Ff.ConditionNode(5, name="c2")

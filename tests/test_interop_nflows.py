@@ -17,15 +17,15 @@ import rgflow_fast as rf  # noqa: E402
 from rgflow_fast.interop.nflows import RGFlowDistribution, RGFlowTransform  # noqa: E402
 
 from conftest import assert_training_lowers_loss, randomize_  # noqa: E402
-from test_nn import harness_tolerance, transformed_mask  # noqa: E402
+from test_nn import HARNESS_SCALE, harness_tolerance, transformed_mask  # noqa: E402
 
 TOL = dict(rtol=1e-10, atol=1e-10)
 
 
-def small_model(prior="laplace", temperature=1.0, dtype=torch.float64, image_size=8, n_layers=1):
+def small_model(prior="laplace", temperature=1.0, dtype=torch.float64, image_size=8, n_layers=1, scale=0.3):
     model = rf.RGFlow(image_size, 2, kernel_size=4, n_layers=n_layers, n_res_blocks=1, n_mlp=1, hidden=8,
                       prior=prior, temperature=temperature)
-    return randomize_(model.to(dtype))
+    return randomize_(model.to(dtype), scale)
 
 
 class ContextNet(nn.Module):
@@ -238,7 +238,7 @@ def assert_forward_inverse_are_consistent(transform, inputs, context=None):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("wrapped", ["model", "block", "coupling"])
 def test_nflows_transform_harness(seed, dtype, wrapped):
-    model = small_model(dtype=dtype, image_size=16, n_layers=2)
+    model = small_model(dtype=dtype, image_size=16, n_layers=2, scale=HARNESS_SCALE)
     module = {
         "model": model,
         "block": model.blocks[3],

@@ -13,7 +13,7 @@ from rgflow_fast.interop.normflows import RGFlowLayer, RGFlowPrior  # noqa: E402
 from conftest import assert_training_lowers_loss, randomize_  # noqa: E402
 from normflows.distributions.distribution_test import DistributionTest  # noqa: E402
 from normflows.flows.flow_test import FlowTest  # noqa: E402
-from test_nn import harness_tolerance, transformed_mask  # noqa: E402
+from test_nn import HARNESS_SCALE, harness_tolerance, transformed_mask  # noqa: E402
 
 TOL = dict(rtol=1e-10, atol=1e-10)
 
@@ -28,10 +28,10 @@ def float64_default():
     torch.set_default_dtype(previous)
 
 
-def small_model(prior="laplace", temperature=1.0, dtype=torch.float64, image_size=8, n_layers=1):
+def small_model(prior="laplace", temperature=1.0, dtype=torch.float64, image_size=8, n_layers=1, scale=0.3):
     model = rf.RGFlow(image_size, 2, kernel_size=4, n_layers=n_layers, n_res_blocks=1, n_mlp=1, hidden=8,
                       prior=prior, temperature=temperature)
-    return randomize_(model.to(dtype))
+    return randomize_(model.to(dtype), scale)
 
 
 @pytest.mark.parametrize("prior", ["laplace", "gaussian"])
@@ -163,7 +163,7 @@ def test_training_inside_normalizing_flow_lowers_the_loss(seed):
 @pytest.mark.parametrize("wrapped", ["model", "block", "coupling"])
 def test_normflows_flow_harness(seed, dtype, wrapped):
     torch.set_default_dtype(dtype)  # normflows builds its zeros in the default dtype
-    model = small_model(dtype=dtype, image_size=16, n_layers=2)
+    model = small_model(dtype=dtype, image_size=16, n_layers=2, scale=HARNESS_SCALE)
     net = nn.Sequential(nn.Conv2d(2, 8, 3, padding=1), nn.Tanh(), nn.Conv2d(8, 4, 3, padding=1))
     module = {
         "model": model,
