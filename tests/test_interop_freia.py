@@ -276,6 +276,37 @@ def test_freia_conditioning_harness(seed, dtype):
                                        rtol=1e-12, atol=1e-12)
 
 
+# FrEIA's ComplexComputeGraph (tests/test_reversible_graph_net.py in its repository) with our
+# modules on the branches: a channel split, a whole RG-Flow on one branch, a conditional
+# checkerboard coupling and an RG block on the other, concatenation and Haar downsampling.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_freia_complex_compute_graph(seed, dtype):
+    L = 8
+    inp = Ff.InputNode(3, L, L, name="input")
+    cond = Ff.ConditionNode(1, L, L, name="cond")
+    split = Ff.Node(inp, Fm.Split, {"section_sizes": [1, 2], "dim": 0}, name="split1")
+    one = Ff.Node(split.out0, RGFlowBlock, {"model": small_model(1, L, HARNESS_SCALE)}, name="rgflow")
+    conv = Ff.Node(split.out1, CheckerboardCouplingBlock, {"subnet_constructor": conv_subnet}, conditions=cond,
+                   name="conv")
+    block = Ff.Node(conv, RGFlowBlock, {"model": small_model(2, L, HARNESS_SCALE).blocks[1]}, name="block")
+    concat = Ff.Node([one.out0, block.out0], Fm.Concat, {"dim": 0}, name="concat")
+    haar = Ff.Node(concat, Fm.HaarDownsampling, {}, name="haar")
+    out = Ff.OutputNode(haar, name="output")
+    inn = Ff.GraphINN([inp, cond, split, one, conv, block, concat, haar, out]).to(dtype)
+    x = torch.randn(6, 3, L, L, dtype=dtype)
+    c = [torch.randn(6, 1, L, L, dtype=dtype)]
+    y, log_jac_det = inn(x, c=c)
+    assert isinstance(y, torch.Tensor) and y.shape == (6, 12, L // 2, L // 2) and y.dtype == dtype
+    x_back, log_jac_det_rev = inn(y, c=c, rev=True)
+    tol = harness_tolerance(log_jac_det, dtype)
+    torch.testing.assert_close(x_back, x, **tol)
+    torch.testing.assert_close(log_jac_det + log_jac_det_rev, torch.zeros_like(log_jac_det), **tol)
+    if dtype == torch.float64:  # FrEIA's check (atol = rtol = 0.01, h = 1e-4) needs float64 differences
+        with torch.no_grad():
+            numerical = inn.log_jacobian_numerical(x, c=c)
+        torch.testing.assert_close(numerical.to(dtype), log_jac_det.detach(), rtol=0.01, atol=0.01)
+
+
 def test_bad_construction_says_what_to_do():
     model = small_model()
     with pytest.raises(TypeError, match="model=model"):
