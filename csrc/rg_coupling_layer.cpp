@@ -3,9 +3,10 @@
 // tanh-clamped affine coupling and the log-det) in one op, forward, inverse and backward.
 // The maths and the flat parameter layout: rgflow_fast/coupling_layer.py.
 //
-// Work is cut into tiles of patch rows (tile_rows). A tile runs through the whole layer
-// with its activations in cache: every matrix product is one BLAS call on the tile, followed
-// by one fused elementwise pass (bias + Swish, or bias + residual + √2). Tiles are fixed
+// Work is cut into tiles of kTileRows patch rows. A tile runs through the whole layer with its
+// activations in cache: every matrix product is one call of oneDNN's micro-kernel (float) or
+// BLAS on the tile, followed by one fused elementwise pass (bias + Swish, or bias + residual +
+// √2). Tiles are fixed
 // whatever the thread count, and parameter gradients are summed per chunk of tiles and then
 // over chunks in order, so results are bitwise the same for any number of threads.
 //
@@ -18,6 +19,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/autograd.h>
+#include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
 
 #include "rg_coupling.h"
@@ -25,6 +27,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 // BLAS as torch links it (MKL or OpenBLAS export the Fortran symbols); weak, so that a torch
@@ -41,14 +44,10 @@ namespace {
 
 using at::Tensor;
 
-// Rows per tile: a function of N alone (never of the thread count), so that results do not
-// depend on the machine's threads. Big tiles keep BLAS efficient (256 rows: 77% of this CPU's
-// matmul rate in the forward, against 66% with 64); at least ~4 tiles where N allows, so that
-// threads share the smaller levels.
-int64_t tile_rows(int64_t N) {
-  const int64_t quarter = ((N + 3) / 4 + 31) / 32 * 32;
-  return std::min<int64_t>(256, std::max<int64_t>(32, quarter));
-}
+// Rows per tile, fixed (never the thread count's doing, so that results do not depend on it):
+// 64 rows keep a tile's backward working set (8 buffers of rows × width) in L2, and the
+// micro-kernel products are as fast on them as on bigger tiles.
+constexpr int64_t kTileRows = 64;
 // Parameter gradients are accumulated in at most this many chunk buffers (a fixed number, not
 // the thread count, so that the summation order never depends on the machine).
 constexpr int64_t kMaxChunks = 16;
@@ -71,20 +70,63 @@ void gemm(char ta, char tb, int m, int n, int k, T alpha, const T* a, int lda, c
   blas_gemm<T>()(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
 }
 
-// Row-major products (BLAS is column-major: a row-major M is its column-major transpose).
-// C (rows×out, ldc) = A (rows×in, lda) · Wᵀ, W (out×in) contiguous.
+// oneDNN's batch-reduce GEMM micro-kernel, which torch exports for float on x86 (row-major,
+// C (M×N) [+]= A (M×K) · B (K×N)). It uses the CPU's widest vector units whoever made the
+// CPU, where MKL runs generic code on some: 2.2× MKL's sgemm on the tiles of this op on an
+// AMD EPYC. Probed once; BLAS where it is missing or refuses the CPU.
+bool use_brgemm() {
+#ifdef CPUBLAS_BRGEMM_F32F32F32
+  static const bool usable = [] {
+    try {
+      float a = 1.f, b = 1.f, c = 0.f;
+      at::native::cpublas::brgemm(1, 1, 1, 1, 1, 1, false, &a, &b, &c, false);
+      return c == 1.f;
+    } catch (const std::exception&) {
+      return false;
+    }
+  }();
+  return usable;
+#else
+  return false;
+#endif
+}
+
+// Row-major products on a tile (BLAS is column-major: a row-major M is its column-major
+// transpose). W (out×in) and Wt = Wᵀ (in×out) are contiguous.
+// C (rows×out, ldc) = A (rows×in, lda) · Wᵀ.
 template <typename T>
-void mm_a_wt(int64_t rows, int64_t out, int64_t in, const T* A, int64_t lda, const T* W, T* C, int64_t ldc) {
+void mm_a_wt(int64_t rows, int64_t out, int64_t in, const T* A, int64_t lda, const T* W, const T* Wt, T* C,
+             int64_t ldc) {
+#ifdef CPUBLAS_BRGEMM_F32F32F32
+  if constexpr (std::is_same_v<T, float>) {
+    if (use_brgemm()) return at::native::cpublas::brgemm(rows, out, in, lda, out, ldc, false, A, Wt, C, false);
+  }
+#endif
   gemm<T>('t', 'n', out, rows, in, T(1), W, in, A, lda, T(0), C, ldc);
 }
-// C (rows×in, ldc) = G (rows×out, ldg) · W (out×in).
+// C (rows×in, ldc) = G (rows×out, ldg) · W.
 template <typename T>
 void mm_g_w(int64_t rows, int64_t out, int64_t in, const T* G, int64_t ldg, const T* W, T* C, int64_t ldc) {
+#ifdef CPUBLAS_BRGEMM_F32F32F32
+  if constexpr (std::is_same_v<T, float>) {
+    if (use_brgemm()) return at::native::cpublas::brgemm(rows, in, out, ldg, in, ldc, false, G, W, C, false);
+  }
+#endif
   gemm<T>('n', 'n', in, rows, out, T(1), W, in, G, ldg, T(0), C, ldc);
 }
-// dW (out×in) += Gᵀ (out×rows) · A (rows×in).
+// dW (out×in) += Gᵀ (out×rows) · A (rows×in); `scratch` holds out·rows values.
 template <typename T>
-void mm_gt_a_acc(int64_t rows, int64_t out, int64_t in, const T* G, int64_t ldg, const T* A, int64_t lda, T* dW) {
+void mm_gt_a_acc(int64_t rows, int64_t out, int64_t in, const T* G, int64_t ldg, const T* A, int64_t lda, T* dW,
+                 T* scratch) {
+#ifdef CPUBLAS_BRGEMM_F32F32F32
+  if constexpr (std::is_same_v<T, float>) {
+    if (use_brgemm()) {
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t o = 0; o < out; ++o) scratch[o * rows + r] = G[r * ldg + o];
+      return at::native::cpublas::brgemm(out, in, rows, rows, lda, in, true, scratch, A, dW, false);
+    }
+  }
+#endif
   gemm<T>('n', 't', in, out, rows, T(1), A, lda, G, ldg, T(1), dW, in);
 }
 
@@ -132,10 +174,10 @@ struct Record {
 };
 
 // One net's parameters: per linear layer l = r·(n_mlp+1) + i, the Swish β before it, the
-// weight-normalised W (computed once per call) and the bias; then σ.
+// weight-normalised W and its transpose Wt (computed once per call) and the bias; then σ.
 template <typename T>
 struct Net {
-  std::vector<const T*> beta, W, b;
+  std::vector<const T*> beta, W, Wt, b;
   const T* sigma;
 };
 
@@ -194,10 +236,10 @@ void tile_forward(const Problem<T>& p, const Record<T>& rec, int64_t rows, const
         bias_swish<T>(rows, D, z, nullptr, net.beta[l0], A);
         for (int64_t i = 1; i <= L.n_mlp; ++i) {
           T* h = rec(L.h(st, n, r, i));
-          mm_a_wt(rows, H, p.in_width(i - 1), A, p.in_width(i - 1), net.W[l0 + i - 1], h, H);
+          mm_a_wt(rows, H, p.in_width(i - 1), A, p.in_width(i - 1), net.W[l0 + i - 1], net.Wt[l0 + i - 1], h, H);
           bias_swish<T>(rows, H, h, net.b[l0 + i - 1], net.beta[l0 + i], A);
         }
-        mm_a_wt(rows, D, H, A, H, net.W[l0 + L.n_mlp], out, D);
+        mm_a_wt(rows, D, H, A, H, net.W[l0 + L.n_mlp], net.Wt[l0 + L.n_mlp], out, D);
         T* z_next = rec(L.z(st, n, r + 1));
         const T* b = net.b[l0 + L.n_mlp];
         for (int64_t row = 0; row < rows; ++row) {
@@ -270,6 +312,7 @@ void tile_backward(const Problem<T>& p, const GradLayout& gl_layout, const Recor
   T* SG = g + 4 * rows * mw;   // recomputed sigmoid
   T* DP = g + 5 * rows * mw;   // grad of a pre-activation
   T* DA = g + 6 * rows * mw;   // grad of a Swish output
+  T* T_scratch = g + 7 * rows * mw;  // a transposed gradient
   std::copy(grad_y, grad_y + rows * D, g);
   for (int64_t st = 1; st >= 0; --st) {
     const uint8_t* tr = p.transformed[p.parity(st)].data();
@@ -334,7 +377,7 @@ void tile_backward(const Problem<T>& p, const GradLayout& gl_layout, const Recor
 #pragma omp simd
             for (int64_t j = 0; j < w_out; ++j) db[j] += DP[row * w_out + j];
           }
-          mm_gt_a_acc(rows, w_out, w_in, DP, w_out, A, w_in, acc + gl_layout.W[n][l]);
+          mm_gt_a_acc(rows, w_out, w_in, DP, w_out, A, w_in, acc + gl_layout.W[n][l], T_scratch);
           mm_g_w(rows, w_out, w_in, DP, w_out, net.W[l], DA, w_in);
           T* dbeta = acc + gl_layout.beta[n][l];
           for (int64_t row = 0; row < rows; ++row) {
@@ -442,8 +485,10 @@ Problem<T> make_problem(const Sizes& s, const std::vector<Tensor>& params, int64
       const int64_t base = n * per_net + 4 * l;
       const Tensor& V = params[base + 1];
       weights.push_back((V * (params[base + 2].reshape({-1, 1}) / V.norm(2, {1}, true))).contiguous());
-      p.net[n].beta.push_back(params[base].data_ptr<T>());
       p.net[n].W.push_back(weights.back().data_ptr<T>());
+      weights.push_back(weights.back().t().contiguous());
+      p.net[n].Wt.push_back(weights.back().data_ptr<T>());
+      p.net[n].beta.push_back(params[base].data_ptr<T>());
       p.net[n].b.push_back(params[base + 3].data_ptr<T>());
     }
     p.net[n].sigma = params[n * per_net + per_net - 1].data_ptr<T>();
@@ -477,7 +522,7 @@ std::tuple<Tensor, Tensor, Tensor> layer_forward(const Tensor& u_in, const Tenso
     const Problem<scalar_t> p = make_problem<scalar_t>(s, params, n_mlp, inverse, weights);
     acts = store ? at::empty({s.N * p.L.row_width}, u.options()) : at::empty({0}, u.options());
     std::vector<scalar_t> rows_ldj(s.N * 2);
-    const int64_t tile = tile_rows(s.N), tiles = (s.N + tile - 1) / tile;
+    const int64_t tile = kTileRows, tiles = (s.N + tile - 1) / tile;
     const scalar_t* u_ptr = u.data_ptr<scalar_t>();
     scalar_t* y_ptr = y.data_ptr<scalar_t>();
     scalar_t* acts_ptr = store ? acts.data_ptr<scalar_t>() : nullptr;
@@ -528,7 +573,7 @@ std::tuple<Tensor, std::vector<Tensor>> layer_backward(const Tensor& u_in, const
     TORCH_CHECK(!stored || acts.numel() == s.N * p.L.row_width,
                 "rg_coupling_layer_backward: acts do not match this layer (", acts.numel(), " values)");
     const GradLayout gl(p);
-    const int64_t tile = tile_rows(s.N), tiles = (s.N + tile - 1) / tile;
+    const int64_t tile = kTileRows, tiles = (s.N + tile - 1) / tile;
     const int64_t chunks = std::min(tiles, kMaxChunks);
     std::vector<T> partial(chunks * gl.size, T(0));
     std::vector<T> row_gl(s.N);
