@@ -218,12 +218,20 @@ def measure_copy_gbps(device, megabytes: int = 256, repeats: int = 7) -> float:
 
 
 def measure_matmul_tflops(device, dtype=torch.float32, n: int | None = None, repeats: int = 5) -> float:
-    """Rate of an ``n x n`` matmul in ``dtype`` (``2*n**3`` FLOPs), median of ``repeats``."""
+    """Rate of an ``n x n`` matmul in ``dtype`` (``2*n**3`` FLOPs), median of ``repeats``.
+
+    On the CPU the faster of torch's matmul (MKL or OpenBLAS) and oneDNN's (the library torch
+    ships for its mkldnn ops, whose kernels the fused layer also uses): on some CPUs MKL runs
+    generic code (an AMD EPYC: 107 GFLOP/s against oneDNN's 227 on one thread), and a floor
+    from the slower library would be no floor."""
     device = torch.device(device)
     n = n or (8192 if device.type == "cuda" else 1024)
     a = torch.rand(n, n, device=device, dtype=dtype)
     b = torch.rand(n, n, device=device, dtype=dtype)
     seconds = _median_seconds(lambda: a @ b, device, repeats)
+    if device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available():
+        a_dnn, bt_dnn = a.to_mkldnn(), b.t().contiguous().to_mkldnn()
+        seconds = min(seconds, _median_seconds(lambda: torch._C._nn.mkldnn_linear(a_dnn, bt_dnn, None), device, repeats))
     return 2 * n**3 / seconds / 1e12
 
 
