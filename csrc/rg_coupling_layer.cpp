@@ -121,8 +121,14 @@ void mm_gt_a_acc(int64_t rows, int64_t out, int64_t in, const T* G, int64_t ldg,
 #ifdef CPUBLAS_BRGEMM_F32F32F32
   if constexpr (std::is_same_v<T, float>) {
     if (use_brgemm()) {
-      for (int64_t r = 0; r < rows; ++r)
-        for (int64_t o = 0; o < out; ++o) scratch[o * rows + r] = G[r * ldg + o];
+      // 16 × 16 blocks, so that reads and writes both stay within a few cache lines
+      for (int64_t r0 = 0; r0 < rows; r0 += 16)
+        for (int64_t o0 = 0; o0 < out; o0 += 16) {
+          const int64_t r1 = std::min(rows, r0 + 16), o1 = std::min(out, o0 + 16);
+          for (int64_t o = o0; o < o1; ++o)
+#pragma omp simd
+            for (int64_t r = r0; r < r1; ++r) scratch[o * rows + r] = G[r * ldg + o];
+        }
       return at::native::cpublas::brgemm(out, in, rows, rows, lda, in, true, scratch, A, dW, false);
     }
   }
