@@ -15,7 +15,7 @@ anti-aliased over one pixel.
   uniform on [0°, 180°).
 * MSDS2: one orientation per image, uniform on [0°, 180°); each ellipse has its own colour,
   each channel uniform on 0…255. (The paper's own generator also turns each ellipse by up
-  to 45° more; here all 16 share the orientation exactly, as DESIGN.md §2 specifies.)
+  to 45° more; here all 16 share the orientation exactly, as the paper's text describes MSDS2.)
 
 90 000 train and 10 000 test images. Image ``i`` of a split depends only on
 ``(seed, split, i // CHUNK)``, so a smaller ``size`` gives a prefix of the full set.

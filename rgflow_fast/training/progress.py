@@ -1,6 +1,7 @@
 """Progress of long loops: a tqdm bar on a terminal, a plain line now and then otherwise."""
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 
@@ -25,7 +26,9 @@ class Progress:
         self.enabled = enabled
         self.bar = None
         if enabled and sys.stderr.isatty():
-            self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, leave=True)
+            # the terminal's width, 80 where it reports none (tqdm would then draw nothing)
+            width = shutil.get_terminal_size((80, 24)).columns
+            self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, ncols=width, leave=True)
         self._t0 = self._last = time.perf_counter()
         self._start = initial
 
