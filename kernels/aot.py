@@ -112,7 +112,7 @@ class Recorder:
         names = fn.arg_names
         bound = dict(zip(names, args))
         bound.update({k: v for k, v in kwargs.items() if k in names})
-        options = {k: v for k, v in kwargs.items() if k not in names and k in ("num_warps", "num_stages")}
+        options = {k: v for k, v in kwargs.items() if k not in names and k in ("num_warps", "num_stages", "maxnreg")}
         for p in inspect.signature(fn.fn).parameters.values():
             if p.name not in bound and p.default is not inspect.Parameter.empty:
                 bound[p.name] = p.default
@@ -163,7 +163,7 @@ def _record_rg_coupling(rec, shape_name, quick):
                 break
 
 
-def _record_layer(rec, shape_name, quick):
+def _record_layer(rec, shape_name, quick, arch):
     """The fused layer's kernels for each precision mode: the forward step (both parities,
     forward and inverse, storing activations or not), its backward and the weight GEMMs."""
     import torch
@@ -175,7 +175,7 @@ def _record_layer(rec, shape_name, quick):
     N = 2 * 64  # rows: any count; only the launch configuration is recorded
     cuda = torch.device("cuda")
     for precision in PRECISIONS:
-        cfg = K.tile_config(D, hidden, cuda, precision)
+        cfg = K.tile_config(D, hidden, cuda, precision, arch)
         wdt = torch.bfloat16 if precision == "bf16" else torch.float32
         w_in = torch.zeros(2 * n_res, cfg.HP, cfg.DP, dtype=wdt)
         w_mid = torch.zeros(max(1, 2 * n_res * (n_mlp - 1)), cfg.HP, cfg.HP, dtype=wdt)
@@ -201,12 +201,12 @@ def _record_layer(rec, shape_name, quick):
         rec.precision = None
 
 
-def record_launches(quick=False):
-    """Every distinct kernel configuration of the model (module docstring)."""
+def record_launches(quick=False, arch=90):
+    """Every distinct kernel configuration of the model for ``sm_<arch>`` (module docstring)."""
     with Recorder() as rec:
         for shape_name in ("paper",) if quick else tuple(MODEL_SHAPES):
             _record_rg_coupling(rec, shape_name, quick)
-            _record_layer(rec, shape_name, quick)
+            _record_layer(rec, shape_name, quick, arch)
     return list(rec.launches.values())
 
 
@@ -256,19 +256,22 @@ def compile_one(launch: Launch, arch: int, out: Path) -> dict:
     path = out / _filename(launch, arch)
     path.write_bytes(kernel.asm["cubin"])
     stats = sass_stats(path)
-    stats.update(kernel=launch.fn.__name__, label=launch.label, precision=launch.precision,
+    flags = [k if v is True else f"{k}={v}" for k, v in launch.constexprs.items()
+             if v is True or k == "PARITY"]
+    label = launch.label + ("{" + ",".join(flags) + "}" if flags else "")
+    stats.update(kernel=launch.fn.__name__, label=label, precision=launch.precision,
                  arch=arch, smem=kernel.metadata.shared, cubin=path.name,
                  num_warps=launch.options.get("num_warps", 4))
     return stats
 
 
-_LAUNCHES: list = []  # set by main() before the workers fork
+_LAUNCHES: dict = {}  # arch -> recorded launches, set by main() before the workers fork
 
 
 def _compile_job(args):
     index, arch, out, quick = args
     # a forked worker inherits the recorded launches; another start method records them again
-    launches = _LAUNCHES or record_launches(quick)
+    launches = _LAUNCHES.get(arch) or record_launches(quick, arch)
     return compile_one(launches[index], arch, Path(out))
 
 
@@ -295,15 +298,15 @@ def main(argv=None) -> int:
         parser.error("run in a fresh process without TRITON_INTERPRET=1 (kernels must be compiled, not interpreted)")
     os.environ["TRITON_INTERPRET"] = "0"
     args.out.mkdir(parents=True, exist_ok=True)
-    launches = record_launches(args.quick)
-    _LAUNCHES[:] = launches
-    jobs = [(i, arch, str(args.out), args.quick) for arch in args.arch for i in range(len(launches))]
+    for arch in args.arch:
+        _LAUNCHES[arch] = record_launches(args.quick, arch)
+    jobs = [(i, arch, str(args.out), args.quick) for arch in args.arch for i in range(len(_LAUNCHES[arch]))]
     if args.jobs > 1:
         with concurrent.futures.ProcessPoolExecutor(args.jobs) as pool:
             rows = list(pool.map(_compile_job, jobs))
     else:
-        rows = [compile_one(launches[i], arch, args.out) for i, arch, _, _ in jobs]
-    header = f"{'kernel':<22} {'configuration':<44} {'sm':>3} {'warps':>5} {'regs':>4} {'spills':>6} {'smem':>6} {'HMMA':>5} {'HGMMA':>5}"
+        rows = [compile_one(_LAUNCHES[arch][i], arch, args.out) for i, arch, _, _ in jobs]
+    header = f"{'kernel':<26} {'configuration':<62} {'sm':>3} {'warps':>5} {'regs':>4} {'spills':>6} {'smem':>6} {'HMMA':>5} {'HGMMA':>5}"
     print(header)
     print("-" * len(header))
     bad = 0
@@ -311,7 +314,7 @@ def main(argv=None) -> int:
         issues = problems(row)
         bad += bool(issues)
         spills = row["spill_st"] + row["spill_ld"]
-        print(f"{row['kernel']:<22} {row['label']:<44} {row['arch']:>3} {row['num_warps']:>5} "
+        print(f"{row['kernel']:<26} {row['label']:<62} {row['arch']:>3} {row['num_warps']:>5} "
               f"{row['regs']:>4} {spills:>6} {row['smem']:>6} {row['hmma']:>5} {row['hgmma']:>5}"
               + (f"   <- {'; '.join(issues)}" if issues else ""))
     print(f"{len(rows)} configurations compiled into {args.out}; {bad} with problems")

@@ -22,11 +22,16 @@ Kernels (one launch each; a layer is two steps, parity 0 then 1, the inverse 1 t
     hidden ``h_i``) and the final residual stream ``x_R`` for the backward.
 ``_step_bwd_kernel``  same tiling, reverse order: from the saved pre-activations it forms
     ``g_s``, ``g_t``, ``g_σ`` (per-program partials), and back-propagates through each block,
-    writing every linear's output gradient ``G`` (``(2, R, n_mlp+1, N, VW)``) and per-program
+    writing every linear's output gradient ``G`` (``(2, R, n_mlp+1, NP, VW)``) and per-program
     partials of ``g_β``; it returns ``g_u``.
 ``_wgrad_kernel``  ``g_W_i = G_iᵀ · swish(h_i)``: a plain tiled GEMM over the rows (``BO×BI``
     output tiles, rows reduced in order, ``swish`` applied on the load), one launch per weight
     kind (``D→H``, ``H→H``, ``H→D``) for both nets and all blocks.
+
+The saved buffers' rows are padded to ``NP``, a multiple of every kernel's row tile, and the
+grids cover the padded rows (zero input rows, zero gradients), so no saved-tile access needs a
+mask. Addresses are a scalar base that moves with the loop plus a loop-invariant int32 offset
+tile: what the compiler hoists out of the loops is then half the registers of a pointer tile.
 
 Every reduction over rows is deterministic: per-program partials summed in program order
 (``g_β``, ``g_σ``), in-order loops (``g_W``), or a single ``torch.sum`` (``g_b = Σ G``), and the
@@ -46,14 +51,18 @@ bf16 weights and activations as ``tl.dot`` operands (the scratch tile is bf16), 
 accumulation and fp32 everywhere else (Swish, residual, coupling, log-det, saved
 pre-activations, gradients).
 
-Floors (per step, ``N`` rows, per net per block ``F_blk = 2·(2·D·H + (n_mlp-1)·H²)`` FLOP a
-row): forward ``2·R·F_blk·N`` FLOP over the tensor-core peak of the precision; backward
-``2×`` that (data and weight gradients), plus the forward again with ``recompute=True``.
-Bytes: weights ``2·R·(2·D·H + (n_mlp-1)·H²)·w`` per program (from L2, once per ``BM`` rows),
-``u``/``u'`` ``2·N·D·4`` from HBM; the saved activations ``2·(R(n_mlp+1)+1)·N·VW·4`` written
-forward and read backward (``G`` the same, written and read once by the weight GEMM). At the
-paper config (``D=48``, ``H=512``) the FLOP/byte ratio is ``≈ BM`` per weight byte, so the
-kernels are tensor-core bound for ``BM ≥ 64``.
+Floors, per step on ``N`` rows (``H`` hidden, ``R`` blocks, ``w`` bytes per operand: 4 fp32
+and TF32, 2 bf16). Matmul FLOPs: ``F = 2 nets · R · 2·(2·D·H + (n_mlp-1)·H²) · N`` forward,
+``2F`` backward (data and weight gradients), ``+F`` with ``recompute=True``; floor
+``F / peak(precision)``. Weights are read from L2 once per program: ``2·BM / w`` FLOP per L2
+byte, so the products are tensor-core bound while ``2·BM / w ≥ peak / L2 bandwidth``. HBM:
+``u``, ``u'``: ``2·N·D·4`` bytes; saved pre-activations ``S = 2·(R(n_mlp+1)+1)·NP·VW·4`` bytes
+written by the storing forward and read by the backward, ``G`` (``≈ S``) written by the
+backward and read with ``S`` by the weight GEMM: ``≈ 5S`` bytes a training step against
+``3F`` FLOP, floor ``5S / HBM bandwidth``. At the paper config ``3F / 5S ≈ 56`` FLOP per byte,
+under the bf16 and TF32 ridge points of an H100 (``peak / 3 TB/s``): keeping ``S`` and ``G`` in
+bf16 (bf16 mode) or recomputing the pre-activations inside the weight GEMM is where the
+training step's time goes next, to be measured.
 """
 from __future__ import annotations
 
@@ -120,11 +129,11 @@ def _checkerboard(f, D, K: tl.constexpr, PARITY: tl.constexpr):
 @triton.jit
 def _net_forward(
     x, pid, w_in, w_mid, w_out, vec, scr, hsave, NP,
-    NET: tl.constexpr, N_RES: tl.constexpr, N_MLP: tl.constexpr, DP: tl.constexpr,
+    NET, N_RES: tl.constexpr, N_MLP: tl.constexpr, DP: tl.constexpr,
     HP: tl.constexpr, VW: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr,
     STORE: tl.constexpr, PREC: tl.constexpr,
 ):
-    """``R(x)`` for net ``NET`` on a ``(BM, DP)`` tile (module docstring); returns ``x_R``.
+    """``R(x)`` for net ``NET`` (0: S, 1: T) on a ``(BM, DP)`` tile (module docstring); returns ``x_R``.
 
     Addresses are a scalar base (which moves with the loop) plus a loop-invariant int32 offset
     tile: a hoisted offset tile costs half the registers of a hoisted pointer tile, and equal
@@ -141,7 +150,9 @@ def _net_forward(
     NSLOT = N_RES * (N_MLP + 1) + 1
     h_net = hsave + (NET * NSLOT * NP + pid * BM) * VW
     scr_tile = scr + pid * (2 * BM * HP)
-    for r in tl.static_range(N_RES):
+    # a runtime loop over the residual blocks: one copy of the code, and nothing of one block
+    # (addresses, offsets) is computed ahead and held through the others
+    for r in range(N_RES):
         blk = NET * N_RES + r
         vb = vec + blk * (N_MLP + 1) * 2 * VW
         slot0 = r * (N_MLP + 1)
@@ -200,36 +211,38 @@ def _step_fwd_kernel(
     pid = tl.program_id(0)
     rows = pid * BM + tl.arange(0, BM)
     f = tl.arange(0, DP)
-    trans = _checkerboard(f, D, K, PARITY)[None, :]
-    ptrs = rows[:, None] * D + f[None, :]
-    mask = (rows < N)[:, None] & (f < D)[None, :]
-    # u is (re)loaded where it is needed rather than held: registers go to the nets' tiles.
-    v = tl.where(trans, 0.0, tl.load(u_ptr + ptrs, mask=mask, other=0.0))
-    xs = _net_forward(v, pid, w_in, w_mid, w_out, vec, scr, hsave, NP,
-                      0, N_RES, N_MLP, DP, HP, VW, BM, BH, STORE, PREC)
-    # tanh(s) waits in y's memory while the T net runs (this thread reads back what it wrote)
-    tl.store(y_ptr + ptrs, _tanh(tl.load(sig + f)[None, :] * xs), mask=mask)
-    v = tl.where(trans, 0.0, tl.load(u_ptr + ptrs, mask=mask, other=0.0))
-    xt = _net_forward(v, pid, w_in, w_mid, w_out, vec, scr, hsave, NP,
-                      1, N_RES, N_MLP, DP, HP, VW, BM, BH, STORE, PREC)
-    t = tl.where(trans, tl.load(sig + DP + f)[None, :] * xt, 0.0)
-    tl.debug_barrier()
-    s = tl.where(trans, tl.load(y_ptr + ptrs, mask=mask, other=0.0), 0.0)
-    u = tl.load(u_ptr + ptrs, mask=mask, other=0.0)
-    if INVERSE:
-        y = tl.where(trans, (u - t) * tl.exp(-s), u)
-        ldj = -tl.sum(s, axis=1)
-    else:
-        y = tl.where(trans, u * tl.exp(s) + t, u)
-        ldj = tl.sum(s, axis=1)
-    tl.store(y_ptr + ptrs, y, mask=mask)
-    tl.store(rows_ptr + rows, ldj, mask=rows < N)
+    # The S net (0), then the T net (1), as a runtime loop: one copy of the nets' code, and no
+    # tile of one net is held while the other runs (tanh(s) waits in y's memory, read back by
+    # the thread that wrote it).
+    for net in range(2):
+        trans = _checkerboard(f, D, K, PARITY)[None, :]
+        ptrs = rows[:, None] * D + f[None, :]
+        mask = (rows < N)[:, None] & (f < D)[None, :]
+        v = tl.where(trans, 0.0, tl.load(u_ptr + ptrs, mask=mask, other=0.0))
+        x = _net_forward(v, pid, w_in, w_mid, w_out, vec, scr, hsave, NP, net,
+                         N_RES, N_MLP, DP, HP, VW, BM, BH, STORE, PREC)
+        o = tl.load(sig + net * DP + f)[None, :] * x
+        if net == 0:
+            tl.store(y_ptr + ptrs, _tanh(o), mask=mask)
+        else:
+            tl.debug_barrier()
+            t = tl.where(trans, o, 0.0)
+            s = tl.where(trans, tl.load(y_ptr + ptrs, mask=mask, other=0.0), 0.0)
+            u = tl.load(u_ptr + ptrs, mask=mask, other=0.0)
+            if INVERSE:
+                y = tl.where(trans, (u - t) * tl.exp(-s), u)
+                ldj = -tl.sum(s, axis=1)
+            else:
+                y = tl.where(trans, u * tl.exp(s) + t, u)
+                ldj = tl.sum(s, axis=1)
+            tl.store(y_ptr + ptrs, y, mask=mask)
+            tl.store(rows_ptr + rows, ldj, mask=rows < N)
 
 
 @triton.jit
 def _net_backward(
     g_o, pid, w_in, w_mid, w_out, vec, sig, hsave, gsave, pvec, psig, NP,
-    NET: tl.constexpr, N_RES: tl.constexpr, N_MLP: tl.constexpr, DP: tl.constexpr,
+    NET, N_RES: tl.constexpr, N_MLP: tl.constexpr, DP: tl.constexpr,
     HP: tl.constexpr, VW: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr,
 ):
     """Back-propagate ``g_o = ∂L/∂(σ⊙R(v))`` through net ``NET``; returns ``∂L/∂v``.
@@ -249,7 +262,7 @@ def _net_backward(
     x_last = tl.load(h_net + (NSLOT - 1) * NP * VW + off_hd)
     tl.store(psig + (pid * 2 + NET) * DP + f, tl.sum(g_o * x_last, axis=0))
     g_x = g_o * tl.load(sig + NET * DP + f)[None, :]
-    for rr in tl.static_range(N_RES):
+    for rr in range(N_RES):  # runtime loop, as in _net_forward
         r = N_RES - 1 - rr
         blk = NET * N_RES + r
         vb = vec + blk * (N_MLP + 1) * 2 * VW
@@ -308,40 +321,37 @@ def _step_bwd_kernel(
     pid = tl.program_id(0)
     rows = pid * BM + tl.arange(0, BM)
     f = tl.arange(0, DP)
-    trans = _checkerboard(f, D, K, PARITY)[None, :]
-    ptrs = rows[:, None] * D + f[None, :]
-    mask = (rows < N)[:, None] & (f < D)[None, :]
-    g_row = tl.load(grow_ptr + rows, mask=rows < N, other=0.0)[:, None]
     NSLOT = N_RES * (N_MLP + 1) + 1
-    last = hsave + ((NSLOT - 1) * NP + pid * BM) * VW + tl.arange(0, BM)[:, None] * VW + f[None, :]
-    # S net first; its input gradient goes straight to g_u's memory so that few (BM, DP)
-    # tiles stay live across a net's backward (the T net's inputs are reloaded after)
-    u = tl.load(u_ptr + ptrs, mask=mask, other=0.0)
-    gy = tl.load(gy_ptr + ptrs, mask=mask, other=0.0)
-    th = _tanh(tl.load(sig + f)[None, :] * tl.load(last))
-    s = tl.where(trans, th, 0.0)
-    if INVERSE:
-        t = tl.where(trans, tl.load(sig + DP + f)[None, :] * tl.load(last + NSLOT * NP * VW), 0.0)
-        g_s = tl.where(trans, -gy * ((u - t) * tl.exp(-s)) - g_row, 0.0)
-    else:
-        g_s = tl.where(trans, gy * u * tl.exp(s) + g_row, 0.0)
-    g_v = _net_backward(g_s * (1.0 - th * th), pid, w_in, w_mid, w_out, vec, sig, hsave, gsave,
-                        pvec, psig, NP, 0, N_RES, N_MLP, DP, HP, VW, BM, BH, PREC)
-    tl.store(gu_ptr + ptrs, g_v, mask=mask)
-    gy = tl.load(gy_ptr + ptrs, mask=mask, other=0.0)
-    s = tl.where(trans, _tanh(tl.load(sig + f)[None, :] * tl.load(last)), 0.0)
-    if INVERSE:
-        e = tl.exp(-s)
-        g_t = tl.where(trans, -gy * e, 0.0)
-    else:
-        e = tl.exp(s)
-        g_t = tl.where(trans, gy, 0.0)
-    g_v = _net_backward(g_t, pid, w_in, w_mid, w_out, vec, sig, hsave, gsave,
-                        pvec, psig, NP, 1, N_RES, N_MLP, DP, HP, VW, BM, BH, PREC)
-    tl.debug_barrier()
-    g_v += tl.load(gu_ptr + ptrs, mask=mask, other=0.0)
-    gy = tl.load(gy_ptr + ptrs, mask=mask, other=0.0)
-    tl.store(gu_ptr + ptrs, tl.where(trans, gy * e, gy + g_v), mask=mask)
+    # The S net (0), then the T net (1), as a runtime loop (as in _step_fwd_kernel): each
+    # iteration rebuilds its output gradient from the step's inputs and the saved x_R; the S
+    # net's input gradient waits in g_u's memory (read back by the thread that wrote it).
+    for net in range(2):
+        trans = _checkerboard(f, D, K, PARITY)[None, :]
+        ptrs = rows[:, None] * D + f[None, :]
+        mask = (rows < N)[:, None] & (f < D)[None, :]
+        last = hsave + ((NSLOT - 1) * NP + pid * BM) * VW + tl.arange(0, BM)[:, None] * VW + f[None, :]
+        gy = tl.load(gy_ptr + ptrs, mask=mask, other=0.0)
+        th = _tanh(tl.load(sig + f)[None, :] * tl.load(last))
+        s = tl.where(trans, th, 0.0)
+        e = tl.exp(-s) if INVERSE else tl.exp(s)
+        if net == 0:
+            g_row = tl.load(grow_ptr + rows, mask=rows < N, other=0.0)[:, None]
+            u = tl.load(u_ptr + ptrs, mask=mask, other=0.0)
+            if INVERSE:
+                t = tl.where(trans, tl.load(sig + DP + f)[None, :] * tl.load(last + NSLOT * NP * VW), 0.0)
+                g_o = tl.where(trans, -gy * ((u - t) * e) - g_row, 0.0) * (1.0 - th * th)
+            else:
+                g_o = tl.where(trans, gy * u * e + g_row, 0.0) * (1.0 - th * th)
+        else:
+            g_o = tl.where(trans, -gy * e if INVERSE else gy, 0.0)
+        g_v = _net_backward(g_o, pid, w_in, w_mid, w_out, vec, sig, hsave, gsave,
+                            pvec, psig, NP, net, N_RES, N_MLP, DP, HP, VW, BM, BH, PREC)
+        if net == 0:
+            tl.store(gu_ptr + ptrs, g_v, mask=mask)
+        else:
+            tl.debug_barrier()
+            g_v += tl.load(gu_ptr + ptrs, mask=mask, other=0.0)
+            tl.store(gu_ptr + ptrs, tl.where(trans, gy * e, gy + g_v), mask=mask)
 
 
 @triton.jit
@@ -383,16 +393,26 @@ INTERPRETED = isinstance(_step_fwd_kernel, InterpretedFunction)
 # --- launchers ---------------------------------------------------------------------------
 
 
-# Tiles per precision on the GPU: BH (hidden chunk), and per kernel (rows per program BM or the
-# weight GEMM's (BO, BI, BN), num_warps, num_stages). Chosen with python -m
-# rgflow_fast.kernels.aot so that no configuration spills on sm_80 and sm_90.
+# Tiles per architecture (90: Hopper and newer, 80: Ampere/Ada) and precision: BH (hidden
+# chunk), and per kernel (rows per program BM, num_warps, num_stages, maxnreg) or, for the
+# weight GEMM, (BO, BI, BN, num_warps, num_stages). Chosen with python -m
+# rgflow_fast.kernels.aot. On sm_80 ptxas caps 8-warp programs at 128 registers unless told
+# otherwise (maxnreg 255 there), and the TF32 backward still spills 16 bytes there (see
+# tests/test_kernels_aot.py); nothing else spills.
 _GPU_TILES = {
-    "fp32": dict(BH=32, fwd=(64, 8, 1), bwd=(64, 8, 1), wgrad=(32, 32, 32, 4, 2)),
-    "tf32": dict(BH=32, fwd=(64, 8, 1), bwd=(64, 8, 1), wgrad=(64, 64, 32, 4, 2)),
-    "bf16": dict(BH=64, fwd=(64, 8, 1), bwd=(64, 8, 1), wgrad=(64, 64, 32, 4, 2)),
+    90: {
+        "fp32": dict(BH=16, fwd=(64, 8, 1, None), bwd=(64, 8, 1, None), wgrad=(32, 32, 32, 4, 2)),
+        "tf32": dict(BH=32, fwd=(64, 8, 1, None), bwd=(64, 8, 1, None), wgrad=(64, 64, 32, 4, 2)),
+        "bf16": dict(BH=32, fwd=(64, 4, 1, None), bwd=(64, 8, 1, None), wgrad=(64, 64, 32, 4, 2)),
+    },
+    80: {
+        "fp32": dict(BH=16, fwd=(64, 8, 1, 255), bwd=(64, 8, 1, 255), wgrad=(32, 32, 32, 4, 2)),
+        "tf32": dict(BH=16, fwd=(64, 8, 1, 255), bwd=(32, 8, 1, 255), wgrad=(64, 64, 32, 4, 2)),
+        "bf16": dict(BH=16, fwd=(64, 8, 1, 255), bwd=(16, 4, 1, 255), wgrad=(64, 64, 32, 4, 2)),
+    },
 }
 # The interpreter runs a program as numpy ops: few, small programs are fastest.
-_INTERPRETER_TILES = dict(BH=16, fwd=(16, 4, 1), bwd=(16, 4, 1), wgrad=(16, 16, 16, 4, 1))
+_INTERPRETER_TILES = dict(BH=16, fwd=(16, 4, 1, None), bwd=(16, 4, 1, None), wgrad=(16, 16, 16, 4, 1))
 
 
 class TileConfig:
@@ -401,14 +421,14 @@ class TileConfig:
     per kernel rows per program and ``num_warps``/``num_stages``; the weight GEMM's
     ``(BO, BI, BN)`` tile; and ``ROWS``, the multiple the saved buffers' rows are padded to."""
 
-    def __init__(self, D, hidden, interpreted, precision):
-        tiles = _INTERPRETER_TILES if interpreted else _GPU_TILES[precision]
+    def __init__(self, D, hidden, interpreted, precision, arch=90):
+        tiles = _INTERPRETER_TILES if interpreted else _GPU_TILES[90 if arch >= 90 else 80][precision]
         self.DP = max(16, triton.next_power_of_2(D))
         self.BH = tiles["BH"]
         self.HP = self.BH * triton.cdiv(max(hidden, 1), self.BH)
         self.VW = max(self.DP, self.HP)
-        self.fwd_BM, self.fwd_warps, self.fwd_stages = tiles["fwd"]
-        self.bwd_BM, self.bwd_warps, self.bwd_stages = tiles["bwd"]
+        self.fwd_BM, self.fwd_warps, self.fwd_stages, self.fwd_maxnreg = tiles["fwd"]
+        self.bwd_BM, self.bwd_warps, self.bwd_stages, self.bwd_maxnreg = tiles["bwd"]
         self.BO, self.BI, self.BN, self.wgrad_warps, self.wgrad_stages = tiles["wgrad"]
         self.ROWS = max(self.fwd_BM, self.bwd_BM, self.BN)
 
@@ -421,13 +441,25 @@ class TileConfig:
                 f"{self.BI}, {self.BN}, {self.wgrad_warps}))")
 
 
-def tile_config(D, hidden, device, precision="fp32"):
-    return TileConfig(D, hidden, device.type != "cuda", precision)
+def tile_config(D, hidden, device, precision="fp32", arch=None):
+    """The tiles for ``D`` features and ``hidden`` units on ``device`` (its compute capability
+    ``arch``, e.g. 90, unless given: sm_80-class GPUs hold the accumulators in registers and
+    get smaller tiles than Hopper's wgmma)."""
+    interpreted = device.type != "cuda"
+    if arch is None:
+        arch = 90
+        if not interpreted and torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability(device)
+            arch = 10 * major + minor
+    return TileConfig(D, hidden, interpreted, precision, arch)
 
 
-def _meta(cfg, K, n_res, n_mlp, precision, BM, num_warps, num_stages):
-    return dict(K=K, N_RES=n_res, N_MLP=n_mlp, DP=cfg.DP, HP=cfg.HP, VW=cfg.VW, BM=BM,
+def _meta(cfg, K, n_res, n_mlp, precision, BM, num_warps, num_stages, maxnreg):
+    meta = dict(K=K, N_RES=n_res, N_MLP=n_mlp, DP=cfg.DP, HP=cfg.HP, VW=cfg.VW, BM=BM,
                 BH=cfg.BH, PREC=PRECISIONS[precision], num_warps=num_warps, num_stages=num_stages)
+    if maxnreg is not None:
+        meta["maxnreg"] = maxnreg
+    return meta
 
 
 def step_forward(u, w_in, w_mid, w_out, vec, sig, cfg, K, parity, inverse, n_res, n_mlp,
@@ -449,7 +481,8 @@ def step_forward(u, w_in, w_mid, w_out, vec, sig, cfg, K, parity, inverse, n_res
     _step_fwd_kernel[grid](
         u, y, rows, w_in, w_mid, w_out, vec, sig, scr, hsave if store else u, N, NP, D,
         PARITY=parity, INVERSE=inverse, STORE=store,
-        **_meta(cfg, K, n_res, n_mlp, precision, cfg.fwd_BM, cfg.fwd_warps, cfg.fwd_stages),
+        **_meta(cfg, K, n_res, n_mlp, precision, cfg.fwd_BM, cfg.fwd_warps, cfg.fwd_stages,
+                cfg.fwd_maxnreg),
     )
     return y, rows, hsave
 
@@ -469,7 +502,8 @@ def step_backward(u, g_y, g_rows, hsave, w_in, w_mid, w_out, vec, sig, cfg, K, p
     _step_bwd_kernel[grid](
         u, g_y, g_rows, g_u, w_in, w_mid, w_out, vec, sig, hsave, gsave, pvec, psig, N, NP, D,
         PARITY=parity, INVERSE=inverse,
-        **_meta(cfg, K, n_res, n_mlp, precision, cfg.bwd_BM, cfg.bwd_warps, cfg.bwd_stages),
+        **_meta(cfg, K, n_res, n_mlp, precision, cfg.bwd_BM, cfg.bwd_warps, cfg.bwd_stages,
+                cfg.bwd_maxnreg),
     )
     return g_u, gsave, pvec, psig
 
