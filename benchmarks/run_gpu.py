@@ -9,6 +9,9 @@ call; run them separately with --phase):
     build        pip install --no-build-isolation --no-deps --no-index -e . ; load every
                  backend and run each once on a small tensor of the device, so that JIT
                  extensions and Triton kernels are built (cached under build/)
+    aot          python -m rgflow_fast.kernels.aot --arch <this GPU's> --quick: registers,
+                 spills, shared memory and tensor-core instructions of the Triton kernels as
+                 this machine's Triton and ptxas build them (<stem>-aot.log)
     tests        python -m pytest tests/ ; the output goes to <stem>-tests.log
     bench-ops    python -m pytest benchmarks/test_rg_coupling.py --benchmark-json ...
     bench-model  python -m pytest benchmarks/test_model.py --benchmark-json ...
@@ -279,6 +282,16 @@ class Runner:
         self.publish(final)
         return status
 
+    def aot(self) -> int:
+        log = self.results / f"{self.stem}-aot.log"
+        log.unlink(missing_ok=True)
+        code = "import torch; major, minor = torch.cuda.get_device_capability(); print(10 * major + minor)"
+        arch = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+        status = self.command([sys.executable, "-m", "rgflow_fast.kernels.aot", "--arch", arch, "--quick",
+                               "--out", str(ROOT / "build" / "aot")], log)
+        self.publish(log)
+        return status
+
     def tests(self) -> int:
         log = self.results / f"{self.stem}-tests.log"
         log.unlink(missing_ok=True)
@@ -403,6 +416,7 @@ def warm_fused_layer() -> int:
 
 PHASES = {
     "build": ["build"],
+    "aot": ["aot"],
     "tests": ["tests"],
     "bench-ops": ["bench-ops"],
     "bench-model": ["bench-model"],
@@ -410,7 +424,7 @@ PHASES = {
     "bench-step": ["bench-step"],
     "bench": ["bench-ops", "bench-model", "bench-layer", "bench-step", "report"],
     "report": ["report"],
-    "all": ["build", "tests", "bench-ops", "bench-model", "bench-layer", "bench-step", "report"],
+    "all": ["build", "aot", "tests", "bench-ops", "bench-model", "bench-layer", "bench-step", "report"],
 }
 
 
@@ -432,7 +446,7 @@ def main(argv=None) -> int:
     if args.device == "auto":
         args.device = None
     runner = Runner(args)
-    steps = {"build": runner.build, "tests": runner.tests, "report": runner.report,
+    steps = {"build": runner.build, "aot": runner.aot, "tests": runner.tests, "report": runner.report,
              **{f"bench-{suite}": (lambda suite=suite: runner.bench_suite(suite)) for suite in SUITES}}
     statuses = {}
     for step in PHASES[args.phase]:

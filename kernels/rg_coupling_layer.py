@@ -9,7 +9,9 @@ Kernels (one launch each; a layer is two steps, parity 0 then 1, the inverse 1 t
 
 ``_step_fwd_kernel``  program = ``BM`` patch rows × all ``D = C·k²`` features (padded to
     ``DP``). It loads ``u``, masks the kept half ``v``, runs ``S`` then ``T`` on ``v`` and
-    writes ``u'`` and the per-row ``±Σ s``. Per residual block and linear ``i`` (widths
+    writes ``u'`` and the per-row ``±Σ s``. The nets and their residual blocks are runtime
+    loops (one copy of the code; nothing of one net or block is held through the next:
+    ``tanh s`` waits in ``u'``'s memory while ``T`` runs). Per residual block and linear ``i`` (widths
     ``[D, H×n_mlp, D]``, hidden padded to ``HP``, a multiple of ``BH``): the ``D→H`` linear
     takes its operand ``swish(x)`` from registers; its output is produced ``BH`` columns at a
     time, Swish-ed and written to a per-program scratch tile ``(BM, HP)`` in global memory

@@ -259,8 +259,10 @@ def rg_coupling_layer(u, ldj, params, n_mlp, inverse=False, recompute=False, pre
     hidden = _hidden(params, n_res, D)
     cfg = _k.tile_config(D, hidden, u.device, precision)
     packed = pack_params(list(params), n_res, n_mlp, D, cfg)
-    y, rows, *_ = _layer(u, *packed, u.shape[-1], n_res, n_mlp, hidden, inverse, not recompute,
-                         precision)
+    # keep activations for a backward pass only when there will be one
+    needs_grad = torch.is_grad_enabled() and (u.requires_grad or any(p.requires_grad for p in params))
+    y, rows, *_ = _layer(u, *packed, u.shape[-1], n_res, n_mlp, hidden, inverse,
+                         needs_grad and not recompute, precision)
     B = ldj.shape[0]
     for step in range(2):
         ldj = ldj + rows[step].reshape(B, -1).sum(dim=1)

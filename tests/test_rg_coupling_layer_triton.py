@@ -265,3 +265,20 @@ def test_cuda_backward_is_deterministic(seed):
                             precision="bf16")[2] for _ in range(2)]
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("grad,recompute,stored", [(False, False, False), (True, False, True), (True, True, False)])
+def test_activations_are_kept_only_for_a_backward_pass(seed, monkeypatch, grad, recompute, stored):
+    calls = []
+    step_forward = tlay._k.step_forward
+
+    def spy(*args):
+        calls.append(args[-1])  # the `store` flag
+        return step_forward(*args)
+
+    monkeypatch.setattr(tlay._k, "step_forward", spy)
+    params = make_params(1, 2, 5, 1, 1, torch.float32, DEVICE)
+    u, ldj = layer_inputs(1, 3, 1, 2, torch.float32, DEVICE)
+    with torch.set_grad_enabled(grad):
+        tlay.rg_coupling_layer(u, ldj, params, 1, False, recompute)
+    assert calls == [stored, stored]
