@@ -109,7 +109,8 @@ def _swish_grads(g, h, beta):
 
 @triton.jit
 def _mm(a, b, acc, PREC: tl.constexpr):
-    """``acc + a @ b`` on tensor cores in the precision mode ``PREC`` (module docstring)."""
+    """``acc + a @ b`` in the precision mode ``PREC`` (module docstring): tensor cores for TF32
+    and bf16, exact fp32 (or float64) FMA products for ``ieee``."""
     if PREC == 2:
         return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
     elif PREC == 1:

@@ -53,7 +53,8 @@ PRECISIONS = ("fp32", "tf32", "bf16")
 _INT32_MAX = 2**31 - 1
 
 
-def _hidden(params, n_res, D):
+def _hidden(params, n_res):
+    """Hidden width of the nets (1 when they have no residual block)."""
     return params[1].shape[0] if n_res else 1
 
 
@@ -86,7 +87,7 @@ def unsupported_reason(u: Tensor, params, n_mlp: int, precision: str = "fp32"):
     else:
         return f"Triton kernels run on CUDA tensors (or CPU ones in its interpreter), not {u.device.type}"
     n_res = net_layout(len(params), n_mlp)
-    cfg = _k.tile_config(D, _hidden(params, n_res, D), u.device, precision)
+    cfg = _k.tile_config(D, _hidden(params, n_res), u.device, precision)
     if 2 * (n_res * (n_mlp + 1) + 1) * cfg.padded_rows(u.shape[0]) * cfg.VW > _INT32_MAX:
         return (f"{u.shape[0]} rows is too many for one call (the saved activations would pass "
                 f"2^31 elements); split the batch")
@@ -256,7 +257,7 @@ def rg_coupling_layer(u, ldj, params, n_mlp, inverse=False, recompute=False, pre
     if reason is not None:
         raise ValueError(f"the fused Triton layer cannot run this call: {reason}")
     D = u.shape[1] * u.shape[2] * u.shape[3]
-    hidden = _hidden(params, n_res, D)
+    hidden = _hidden(params, n_res)
     cfg = _k.tile_config(D, hidden, u.device, precision)
     packed = pack_params(list(params), n_res, n_mlp, D, cfg)
     # keep activations for a backward pass only when there will be one
