@@ -399,9 +399,9 @@ INTERPRETED = isinstance(_step_fwd_kernel, InterpretedFunction)
 # Tiles per architecture (90: Hopper and newer, 80: Ampere/Ada) and precision: BH (hidden
 # chunk), and per kernel (rows per program BM, num_warps, num_stages, maxnreg) or, for the
 # weight GEMM, (BO, BI, BN, num_warps, num_stages). Chosen with python -m
-# rgflow_fast.kernels.aot. On sm_80 ptxas caps 8-warp programs at 128 registers unless told
-# otherwise (maxnreg 255 there), and the TF32 backward still spills 16 bytes there (see
-# tests/test_kernels_aot.py); nothing else spills.
+# rgflow_fast.kernels.aot so that nothing spills. On sm_80 ptxas caps 8-warp programs at 128
+# registers unless told otherwise (maxnreg 255 there), and the backward needs the loads
+# software-pipelined (num_stages 2) to fit.
 _GPU_TILES = {
     90: {
         "fp32": dict(BH=16, fwd=(64, 8, 1, None), bwd=(64, 8, 1, None), wgrad=(32, 32, 32, 4, 2)),
@@ -410,8 +410,8 @@ _GPU_TILES = {
     },
     80: {
         "fp32": dict(BH=16, fwd=(64, 8, 1, 255), bwd=(64, 8, 1, 255), wgrad=(32, 32, 32, 4, 2)),
-        "tf32": dict(BH=16, fwd=(64, 8, 1, 255), bwd=(32, 8, 1, 255), wgrad=(64, 64, 32, 4, 2)),
-        "bf16": dict(BH=16, fwd=(64, 8, 1, 255), bwd=(16, 4, 1, 255), wgrad=(64, 64, 32, 4, 2)),
+        "tf32": dict(BH=16, fwd=(64, 8, 1, 255), bwd=(32, 8, 2, 255), wgrad=(64, 64, 32, 4, 2)),
+        "bf16": dict(BH=16, fwd=(64, 8, 1, 255), bwd=(32, 8, 2, 255), wgrad=(64, 64, 32, 4, 2)),
     },
 }
 # The interpreter runs a program as numpy ops: few, small programs are fastest.
