@@ -257,7 +257,7 @@ def compile_one(launch: Launch, arch: int, out: Path) -> dict:
     path.write_bytes(kernel.asm["cubin"])
     stats = sass_stats(path)
     flags = [k if v is True else f"{k}={v}" for k, v in launch.constexprs.items()
-             if v is True or k == "PARITY"]
+             if v is True or k in ("PARITY", "I0")]
     label = launch.label + ("{" + ",".join(flags) + "}" if flags else "")
     stats.update(kernel=launch.fn.__name__, label=label, precision=launch.precision,
                  arch=arch, smem=kernel.metadata.shared, cubin=path.name,
