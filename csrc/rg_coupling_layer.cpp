@@ -49,8 +49,9 @@ using at::Tensor;
 // micro-kernel products are as fast on them as on bigger tiles.
 constexpr int64_t kTileRows = 64;
 // Parameter gradients are accumulated in at most this many chunk buffers (a fixed number, not
-// the thread count, so that the summation order never depends on the machine).
-constexpr int64_t kMaxChunks = 16;
+// the thread count, so that the summation order never depends on the machine): as many
+// threads share a backward; each chunk costs one zeroed copy of the parameters' size.
+constexpr int64_t kMaxChunks = 8;
 
 // The Fortran gemm of type T, or nullptr when torch exports none.
 template <typename T>
