@@ -4,7 +4,7 @@
     model = rf.RGFlow(image_size=32, channels=3)
     z, ldj = model(x)                  # data -> latent, ldj = log|det dz/dx|
     x_back, inv_ldj = model.inverse(z)
-    model = rf.load_model("runs/.../checkpoints/step_00005000.pt")   # a model trained by rgflow-fast train
+    model = rf.load_model("runs/.../checkpoints/step_00004000.pt")   # a model trained by rgflow-fast train
     pixels = rf.transforms.to_pixels(model.sample(16))                # images in [0, 1]
     with rf.use_backend("torch"):      # the pure-PyTorch reference
         ...

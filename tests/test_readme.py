@@ -22,7 +22,7 @@ def _commands():
 
 
 def test_quick_start_names_agree_with_the_preset():
-    assert "    pip install . && rgflow-fast train --out runs/quickstart\n" in README
+    assert "    pip install . && rgflow-fast train --out runs/quickstart --threads 1\n" in README
     checkpoint = re.search(r"`C=(runs/quickstart/checkpoints/step_(\d+)\.pt)`", README)
     assert checkpoint and int(checkpoint.group(2)) == PRESETS["small"]["steps"]
     assert "(docs/quickstart_samples.png)" in README

@@ -90,10 +90,11 @@ def _add_train(sub) -> None:
     length = g.add_mutually_exclusive_group()
     length.add_argument("--steps", type=int, default=None)
     length.add_argument("--epochs", type=int, default=None)
-    g.add_argument("--batch-size", type=int, default=None, help="global batch, split over processes (default 64)")
-    g.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 1e-3)")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help="global batch, split over processes (paper presets 64, small 16)")
+    g.add_argument("--lr", type=float, default=None, help="AdamW learning rate (paper presets 1e-3, small 1.5e-2)")
     g.add_argument("--lr-schedule", choices=("constant", "cosine"), default=None,
-                   help="constant, or cosine from --lr to --lr/100 over the run")
+                   help="constant (paper presets), or cosine from --lr to --lr/100 over the run (small)")
     g.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default 5e-5)")
     g.add_argument("--clip-grad", type=float, default=None, help="global grad-norm clip, 0 disables (default 1)")
     g.add_argument("--seed", type=int, default=None, help="weights, data order and noise (default 0)")

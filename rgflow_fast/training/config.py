@@ -97,8 +97,8 @@ RESUME_FIELDS = (
 PRESETS = {
     # the quick start: ellipses in its samples in a few minutes on a 2-core CPU
     "small": dict(
-        train_size=20_000, test_size=1_000, n_layers=(2,), n_res_blocks=(1,), n_mlp=(1,), hidden=(64,),
-        batch_size=16, steps=5000, lr=1.5e-2, lr_schedule="cosine", log_every=50, ckpt_every=1000,
+        train_size=20_000, test_size=1_000, n_layers=(2,), n_res_blocks=(1,), n_mlp=(1,), hidden=(128,),
+        batch_size=16, steps=4000, lr=1.5e-2, lr_schedule="cosine", log_every=50, ckpt_every=1000,
         sample_temperature=(0.9,),
     ),
     # the paper's MSDS model: 4 layers per level, otherwise the CelebA-32 sizes
