@@ -478,23 +478,36 @@ Sizes check_inputs(const Tensor& u, const Tensor& ldj, at::TensorList params, in
   return s;
 }
 
-// Problem description with weight norm applied: W = g ⊙ V / ‖V‖_row, computed once per call
-// into `weights` (which must outlive the Problem).
+// Problem description with weight norm applied: W = g ⊙ V / ‖V‖_row and its transpose,
+// computed once per call into `weights` (which must outlive the Problem).
 template <typename T>
 Problem<T> make_problem(const Sizes& s, const std::vector<Tensor>& params, int64_t n_mlp, bool inverse,
-                        std::vector<Tensor>& weights) {
+                        std::vector<T>& weights) {
   TORCH_CHECK(blas_gemm<T>() != nullptr,
               "rg_coupling_layer (cpu): this torch exports no BLAS gemm (sgemm_/dgemm_); use the 'torch' backend");
   Problem<T> p{Layout(s.D, s.H, s.n_res, n_mlp), {}, {}, inverse};
   const int64_t per_net = static_cast<int64_t>(params.size()) / 2;
+  int64_t per_block = 0;  // weights of one residual block
+  for (int64_t i = 0; i <= n_mlp; ++i) per_block += p.in_width(i) * p.out_width(i);
+  weights.resize(2 * 2 * s.n_res * per_block);  // W and Wt, both nets
+  T* next = weights.data();
   for (int64_t n = 0; n < 2; ++n) {
     for (int64_t l = 0; l < s.n_res * (n_mlp + 1); ++l) {
       const int64_t base = n * per_net + 4 * l;
-      const Tensor& V = params[base + 1];
-      weights.push_back((V * (params[base + 2].reshape({-1, 1}) / V.norm(2, {1}, true))).contiguous());
-      p.net[n].W.push_back(weights.back().data_ptr<T>());
-      weights.push_back(weights.back().t().contiguous());
-      p.net[n].Wt.push_back(weights.back().data_ptr<T>());
+      const int64_t out = p.out_width(l % (n_mlp + 1)), in = p.in_width(l % (n_mlp + 1));
+      const T* V = params[base + 1].data_ptr<T>();
+      const T* g = params[base + 2].data_ptr<T>();
+      T* W = next;
+      T* Wt = next + out * in;
+      next += 2 * out * in;
+      for (int64_t o = 0; o < out; ++o) {
+        T sq = 0;
+        for (int64_t j = 0; j < in; ++j) sq += V[o * in + j] * V[o * in + j];
+        const T scale = g[o] / std::sqrt(sq);
+        for (int64_t j = 0; j < in; ++j) Wt[j * out + o] = W[o * in + j] = V[o * in + j] * scale;
+      }
+      p.net[n].W.push_back(W);
+      p.net[n].Wt.push_back(Wt);
       p.net[n].beta.push_back(params[base].data_ptr<T>());
       p.net[n].b.push_back(params[base + 3].data_ptr<T>());
     }
@@ -525,7 +538,7 @@ std::tuple<Tensor, Tensor, Tensor> layer_forward(const Tensor& u_in, const Tenso
   Tensor ldj_out = at::empty_like(ldj);
   Tensor acts;
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "rg_coupling_layer_forward", [&] {
-    std::vector<Tensor> weights;
+    std::vector<scalar_t> weights;
     const Problem<scalar_t> p = make_problem<scalar_t>(s, params, n_mlp, inverse, weights);
     acts = store ? at::empty({s.N * p.L.row_width}, u.options()) : at::empty({0}, u.options());
     std::vector<scalar_t> rows_ldj(s.N * 2);
@@ -574,7 +587,7 @@ std::tuple<Tensor, std::vector<Tensor>> layer_backward(const Tensor& u_in, const
   std::vector<Tensor> grads;
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "rg_coupling_layer_backward", [&] {
     using T = scalar_t;
-    std::vector<Tensor> weights;
+    std::vector<T> weights;
     const Problem<T> p = make_problem<T>(s, params, n_mlp, inverse, weights);
     const bool stored = acts.numel() > 0;
     TORCH_CHECK(!stored || acts.numel() == s.N * p.L.row_width,
