@@ -346,3 +346,17 @@ def test_float64_end_to_end(tmp_path, seed):
     assert main(["sample", "--checkpoint", str(ckpt), "--n", "2", "--out", str(tmp_path / "s.png")]) == 0
     assert main(["eval", "--checkpoint", str(ckpt), "--batch-size", "8"]) == 0
     assert main(["train", "--out", str(run), "--resume", "--steps", "3", "--quiet", "--backend", "torch"]) == 0
+
+
+def test_resume_a_run_written_by_version_0_1(finished_run):
+    """Runs of rgflow_fast 0.1 nest the model flags under "model" in their saved config, and
+    have neither dtype nor lr schedule (float32, constant)."""
+    ckpt = finished_run / "checkpoints" / "step_00000002.pt"
+    payload = load_checkpoint(ckpt)
+    model_keys = ("kernel_size", "n_layers", "n_res_blocks", "n_mlp", "hidden", "prior")
+    old = {k: v for k, v in payload["train"].items() if k not in model_keys + ("dtype", "lr_schedule")}
+    payload["train"] = {**old, "model": {k: payload["train"][k] for k in model_keys}}
+    torch.save(payload, ckpt)
+    assert main(["train", "--out", str(finished_run), "--resume", "--steps", "3", "--quiet"]) == 0
+    config = json.loads((finished_run / "config.json").read_text())
+    assert config["n_layers"] == [1] and config["lr_schedule"] == "constant" and config["dtype"] == "float32"
