@@ -140,3 +140,16 @@ def test_latent_correlation(tmp_path, capsys, monkeypatch):
     assert is_png(out) and "level 2: 144 latents over 40 images" in capsys.readouterr().out  # 3 × 48 positions
     assert main(["latent-correlation", "--checkpoint", str(ckpt), "--level", "9", "--out", str(out)]) == 2
     assert "level must be an int in [0, 4)" in capsys.readouterr().err
+
+
+def test_non_positive_counts_are_one_line_errors(tmp_path, checkpoint, capsys):
+    path, _ = checkpoint
+    for argv, flag in [
+        (["sample", "--n", "0", "--out", str(tmp_path / "s.png")], "--n"),
+        (["eval", "--batch-size", "0"], "--batch-size"),
+        (["latent-correlation", "--batch-size", "0", "--out", str(tmp_path / "c.png")], "--batch-size"),
+        (["walk", "--latent", "0", "0", "0", "--threads", "0", "--out", str(tmp_path / "w.png")], "--threads"),
+    ]:
+        assert main([argv[0], "--checkpoint", str(path), *argv[1:]]) == 2
+        err = capsys.readouterr().err
+        assert f"{flag} must be >= 1; got 0" in err and err.count("\n") == 1, err

@@ -17,7 +17,7 @@ from ..data import DataError
 from ..training.distributed import check_backend, resolve_device
 from ..training.errors import NonFiniteLoss, RunError
 
-__all__ = ["guard", "add_system_flags", "set_threads", "setup", "add_commands"]
+__all__ = ["guard", "add_system_flags", "require_positive", "set_threads", "setup", "add_commands"]
 
 
 def guard(func, name: str):
@@ -45,11 +45,18 @@ def add_system_flags(p) -> None:
                         "much faster")
 
 
+def require_positive(args, *names: str) -> None:
+    """A :class:`RunError` unless each flag ``--name`` is >= 1."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise RunError(f"--{name.replace('_', '-')} must be >= 1; got {value}")
+
+
 def set_threads(args) -> None:
     """Apply ``--threads``."""
+    require_positive(args, "threads")
     if args.threads is not None:
-        if args.threads < 1:
-            raise RunError(f"--threads must be >= 1; got {args.threads}")
         torch.set_num_threads(args.threads)
 
 

@@ -15,7 +15,7 @@ from ..training import RunError
 from ..training.outputs import read_checkpoint
 from ..training.progress import Progress
 from ..transforms import logit_transform, preprocess
-from . import add_system_flags, guard, setup
+from . import add_system_flags, guard, require_positive, setup
 
 
 def _load(args):
@@ -161,6 +161,7 @@ def _test_images(args, model, saved: dict):
 
 
 def _latent_correlation(args) -> int:
+    require_positive(args, "images", "batch_size")
     model, payload = _load(args)
     level = model.n_levels - 1 if args.level is None else args.level
     with backends.use_backend(args.backend):

@@ -10,11 +10,13 @@ from .. import backends
 from ..data import DATASETS, dataset_info, load_dataset
 from ..training import PRESETS, RunConfig, RunError, RunOptions, evaluate, sample_temperature, train
 from ..training.outputs import read_checkpoint, save_grid
-from . import add_system_flags, guard, set_threads, setup
+from . import add_system_flags, guard, require_positive, set_threads, setup
 
 
 def _train(args) -> int:
     set_threads(args)
+    if args.workers < 0:
+        raise RunError(f"--workers must be >= 0; got {args.workers}")
     flags = {f.name: getattr(args, f.name) for f in fields(RunConfig) if hasattr(args, f.name)}
     options = RunOptions(device=args.device, backend=args.backend, compile=args.compile, amp=args.amp,
                          workers=args.workers, quiet=args.quiet)
@@ -23,9 +25,8 @@ def _train(args) -> int:
 
 
 def _sample(args) -> int:
+    require_positive(args, "n")
     device = setup(args)
-    if args.n < 1:
-        raise RunError(f"--n must be >= 1; got {args.n}")
     model, payload = read_checkpoint(args.checkpoint, device)
     model.check_inputs = False
     run_temperature = payload.get("train", {}).get("sample_temperature")
@@ -39,6 +40,7 @@ def _sample(args) -> int:
 
 
 def _eval(args) -> int:
+    require_positive(args, "batch_size", "size")
     device = setup(args)
     model, payload = read_checkpoint(args.checkpoint, device)
     model.check_inputs = False
