@@ -189,15 +189,17 @@ def _record_layer(rec, shape_name, quick, arch):
                 stores = (True,) if quick else (True, False)
                 rec.label = f"layer_fwd[{shape_name},{precision},p{parity},{'inv' if inverse else 'fwd'}]"
                 for store in stores:
-                    _, _, hsave = K.step_forward(u, w_in, w_mid, w_out, vec, sig, cfg, k, parity,
-                                                 inverse, n_res, n_mlp, precision, store)
-                hsave = torch.zeros(2, n_res * (n_mlp + 1) + 1, N, cfg.VW)
+                    K.step_forward(u, w_in, w_mid, w_out, vec, sig, cfg, k, parity, inverse, n_res,
+                                   n_mlp, precision, store)
+                saved = torch.zeros(sum(K.saved_sizes(cfg, n_res, n_mlp, N)))
                 rec.label = f"layer_bwd[{shape_name},{precision},p{parity},{'inv' if inverse else 'fwd'}]"
-                _, gsave, _, _ = K.step_backward(u, u, u[:, 0], hsave, w_in, w_mid, w_out, vec, sig,
-                                                 cfg, k, parity, inverse, n_res, n_mlp, precision)
+                K.step_backward(u, u, u[:, 0], saved, w_in, w_mid, w_out, vec, sig, cfg, k, parity,
+                                inverse, n_res, n_mlp, precision)
         rec.label = f"layer_wgrad[{shape_name},{precision}]"
-        gsave = torch.zeros(2, n_res, n_mlp + 1, N, cfg.VW)
-        K.weight_grads(gsave, hsave, vec, cfg, n_res, n_mlp, precision, torch.float32)
+        NP = cfg.padded_rows(N)
+        gdsave = torch.zeros(2, n_res, NP, cfg.DP)
+        ghsave = torch.zeros(2, n_res, n_mlp, NP, cfg.HP)
+        K.weight_grads(saved, gdsave, ghsave, vec, cfg, n_res, n_mlp, precision, torch.float32)
         rec.precision = None
 
 
@@ -257,7 +259,7 @@ def compile_one(launch: Launch, arch: int, out: Path) -> dict:
     path.write_bytes(kernel.asm["cubin"])
     stats = sass_stats(path)
     flags = [k if v is True else f"{k}={v}" for k, v in launch.constexprs.items()
-             if v is True or k in ("PARITY", "I0")]
+             if v is True or k in ("PARITY", "KIND")]
     label = launch.label + ("{" + ",".join(flags) + "}" if flags else "")
     stats.update(kernel=launch.fn.__name__, label=label, precision=launch.precision,
                  arch=arch, smem=kernel.metadata.shared, cubin=path.name,

@@ -20,12 +20,13 @@ Kernels (one launch each; a layer is two steps, parity 0 then 1, the inverse 1 t
     (no ``H×H`` weight is ever held whole). The ``H→D`` output, the ``√2`` residual, ``σ``,
     ``tanh``, the coupling and the row log-det stay in registers. Scratch tiles are
     ping-ponged and fenced with a CTA barrier (``bar.sync`` orders global memory within a
-    CTA). With ``STORE`` it also writes every linear's input pre-activation (``x_r`` and the
-    hidden ``h_i``) and the final residual stream ``x_R`` for the backward.
+    CTA). With ``STORE`` it also writes every linear's input pre-activation for the backward:
+    the residual stream entering each block ``x_r`` and the final ``x_R`` (``D`` wide), and the
+    hidden ``h_i`` (``H`` wide) (:func:`saved_sizes`).
 ``_step_bwd_kernel``  same tiling, reverse order: from the saved pre-activations it forms
     ``g_s``, ``g_t``, ``g_σ`` (per-program partials), and back-propagates through each block,
-    writing every linear's output gradient ``G`` (``(2, R, n_mlp+1, NP, VW)``) and per-program
-    partials of ``g_β``; it returns ``g_u``.
+    writing every linear's output gradient ``G`` (``D`` wide for the ``H→D`` linears, ``H``
+    wide for the others) and per-program partials of ``g_β``; it returns ``g_u``.
 ``_wgrad_kernel``  ``g_W_i = G_iᵀ · swish(h_i)``: a plain tiled GEMM over the rows (``BO×BI``
     output tiles, rows reduced in order, ``swish`` applied on the load), one launch per weight
     kind (``D→H``, ``H→H``, ``H→D``) for both nets and all blocks.
@@ -40,7 +41,7 @@ Every reduction over rows is deterministic: per-program partials summed in progr
 per-image log-det is a sum of the per-row buffer. Nothing is atomic.
 
 Backward strategy: the forward either stores the pre-activations (``recompute=False``,
-``(2·(R(n_mlp+1)+1)·VW)`` floats per row and step) or stores nothing but the step inputs
+``2·((R+1)·DP + R·n_mlp·HP)`` floats per row and step) or stores nothing but the step inputs
 (``recompute=True``) and the backward re-runs ``_step_fwd_kernel`` with ``STORE`` just before
 the step's backward, so the activations live only for that step (memory ``O(layer)`` instead
 of ``O(model)``; one extra forward, +1/3 of the FLOPs). Rebuilding them per tile *inside*
@@ -58,13 +59,14 @@ and TF32, 2 bf16). Matmul FLOPs: ``F = 2 nets · R · 2·(2·D·H + (n_mlp-1)·H
 ``2F`` backward (data and weight gradients), ``+F`` with ``recompute=True``; floor
 ``F / peak(precision)``. Weights are read from L2 once per program: ``2·BM / w`` FLOP per L2
 byte, so the products are tensor-core bound while ``2·BM / w ≥ peak / L2 bandwidth``. HBM:
-``u``, ``u'``: ``2·N·D·4`` bytes; saved pre-activations ``S = 2·(R(n_mlp+1)+1)·NP·VW·4`` bytes
-written by the storing forward and read by the backward, ``G`` (``≈ S``) written by the
-backward and read with ``S`` by the weight GEMM: ``≈ 5S`` bytes a training step against
-``3F`` FLOP, floor ``5S / HBM bandwidth``. At the paper config ``3F / 5S ≈ 56`` FLOP per byte,
-under the bf16 and TF32 ridge points of an H100 (``peak / 3 TB/s``): keeping ``S`` and ``G`` in
-bf16 (bf16 mode) or recomputing the pre-activations inside the weight GEMM is where the
-training step's time goes next, to be measured.
+``u``, ``u'``: ``2·N·D·4`` bytes; saved pre-activations ``S = 2·((R+1)·DP + R·n_mlp·HP)·NP·4``
+bytes written by the storing forward and read by the backward, ``G`` (``2·R·(DP +
+n_mlp·HP)·NP·4 ≈ S``) written by the backward and read with ``S`` by the weight GEMM: ``≈ 5S``
+bytes a training step against ``3F`` FLOP, floor ``5S / HBM bandwidth``. At the paper config
+(``S ≈ 35 kB`` a row) ``3F / 5S ≈ 85`` FLOP per byte, under the bf16 and TF32 ridge points of
+an H100 (``peak / 3 TB/s``): keeping ``S`` and ``G`` in bf16 (bf16 mode) or recomputing the
+pre-activations inside the weight GEMM is where the training step's time goes next, to be
+measured.
 """
 from __future__ import annotations
 
@@ -76,7 +78,8 @@ import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
 __all__ = [
-    "INTERPRETED", "PRECISIONS", "MAX_D", "TileConfig", "tile_config", "step_forward", "step_backward", "weight_grads",
+    "INTERPRETED", "PRECISIONS", "MAX_D", "TileConfig", "tile_config", "saved_sizes", "split_saved",
+    "step_forward", "step_backward", "weight_grads",
 ]
 
 PRECISIONS = {"fp32": 0, "tf32": 1, "bf16": 2}
@@ -131,7 +134,7 @@ def _checkerboard(f, D, K: tl.constexpr, PARITY: tl.constexpr):
 
 @triton.jit
 def _net_forward(
-    x, pid, w_in, w_mid, w_out, vec, scr, hsave, NP,
+    x, pid, w_in, w_mid, w_out, vec, scr, xsave, hsave, NP,
     NET, N_RES: tl.constexpr, N_MLP: tl.constexpr, DP: tl.constexpr,
     HP: tl.constexpr, VW: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr,
     STORE: tl.constexpr, PREC: tl.constexpr,
@@ -144,30 +147,28 @@ def _net_forward(
     f = tl.arange(0, DP)
     cols = tl.arange(0, BH)
     lr = tl.arange(0, BM)
-    off_s = lr[:, None] * HP + cols[None, :]       # scratch tile (BM, BH)
-    off_h = lr[:, None] * VW + cols[None, :]       # saved tile (BM, BH)
-    off_hd = lr[:, None] * VW + f[None, :]         # saved tile (BM, DP)
+    off_s = lr[:, None] * HP + cols[None, :]       # scratch and saved hidden tile (BM, BH)
+    off_x = lr[:, None] * DP + f[None, :]          # saved residual-stream tile (BM, DP)
     off_wi = f[:, None] + cols[None, :] * DP       # W_inᵀ tile (DP, BH)
     off_wm = cols[:, None] + cols[None, :] * HP    # W_midᵀ tile (BH, BH)
     off_wo = cols[:, None] + f[None, :] * HP       # W_outᵀ tile (BH, DP)
-    NSLOT = N_RES * (N_MLP + 1) + 1
-    h_net = hsave + (NET * NSLOT * NP + pid * BM) * VW
+    x_net = xsave + (NET * (N_RES + 1) * NP + pid * BM) * DP
     scr_tile = scr + pid * (2 * BM * HP)
     # a runtime loop over the residual blocks: one copy of the code, and nothing of one block
     # (addresses, offsets) is computed ahead and held through the others
     for r in range(N_RES):
         blk = NET * N_RES + r
         vb = vec + blk * (N_MLP + 1) * 2 * VW
-        slot0 = r * (N_MLP + 1)
+        h_blk = hsave + (blk * N_MLP * NP + pid * BM) * HP  # h_1 .. h_n_mlp of this block
         if STORE:
-            tl.store(h_net + slot0 * NP * VW + off_hd, x)
+            tl.store(x_net + r * NP * DP + off_x, x)
         # linear 0 (D -> H): operand swish(x) from registers; output Swish-ed into scratch 0
         a0 = _swish(x, tl.load(vb + f)[None, :]).to(w_in.dtype.element_ty)
         for j in range(0, HP, BH):
             w = tl.load(w_in + blk * (HP * DP) + j * DP + off_wi)
             h = _mm(a0, w, tl.zeros((BM, BH), x.dtype), PREC) + tl.load(vb + VW + j + cols)[None, :]
             if STORE:
-                tl.store(h_net + (slot0 + 1) * NP * VW + j + off_h, h)
+                tl.store(h_blk + j + off_s, h)
             a = _swish(h, tl.load(vb + 2 * VW + j + cols)[None, :])
             tl.store(scr_tile + j + off_s, a.to(scr.dtype.element_ty))
         tl.debug_barrier()
@@ -184,7 +185,7 @@ def _net_forward(
                     acc = _mm(a, w, acc, PREC)
                 h = acc + tl.load(vb + (2 * i + 1) * VW + j + cols)[None, :]
                 if STORE:
-                    tl.store(h_net + (slot0 + i + 1) * NP * VW + j + off_h, h)
+                    tl.store(h_blk + i * NP * HP + j + off_s, h)
                 a = _swish(h, tl.load(vb + (2 * i + 2) * VW + j + cols)[None, :])
                 tl.store(dst + j + off_s, a.to(scr.dtype.element_ty))
             tl.debug_barrier()
@@ -199,13 +200,13 @@ def _net_forward(
         x = (x + (acc_o + tl.load(vb + (2 * N_MLP + 1) * VW + f)[None, :])) * INV_SQRT2
         tl.debug_barrier()  # the next block overwrites the scratch this one just read
     if STORE:
-        tl.store(h_net + (NSLOT - 1) * NP * VW + off_hd, x)
+        tl.store(x_net + N_RES * NP * DP + off_x, x)
     return x
 
 
 @triton.jit
 def _step_fwd_kernel(
-    u_ptr, y_ptr, rows_ptr, w_in, w_mid, w_out, vec, sig, scr, hsave, N, NP, D,
+    u_ptr, y_ptr, rows_ptr, w_in, w_mid, w_out, vec, sig, scr, xsave, hsave, N, NP, D,
     K: tl.constexpr, PARITY: tl.constexpr, INVERSE: tl.constexpr, STORE: tl.constexpr,
     N_RES: tl.constexpr, N_MLP: tl.constexpr, DP: tl.constexpr, HP: tl.constexpr,
     VW: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr,
@@ -222,7 +223,7 @@ def _step_fwd_kernel(
         ptrs = rows[:, None] * D + f[None, :]
         mask = (rows < N)[:, None] & (f < D)[None, :]
         v = tl.where(trans, 0.0, tl.load(u_ptr + ptrs, mask=mask, other=0.0))
-        x = _net_forward(v, pid, w_in, w_mid, w_out, vec, scr, hsave, NP, net,
+        x = _net_forward(v, pid, w_in, w_mid, w_out, vec, scr, xsave, hsave, NP, net,
                          N_RES, N_MLP, DP, HP, VW, BM, BH, STORE, PREC)
         o = tl.load(sig + net * DP + f)[None, :] * x
         if net == 0:
@@ -244,25 +245,25 @@ def _step_fwd_kernel(
 
 @triton.jit
 def _net_backward(
-    g_o, pid, w_in, w_mid, w_out, vec, sig, hsave, gsave, pvec, psig, NP,
+    g_o, pid, w_in, w_mid, w_out, vec, sig, xsave, hsave, gdsave, ghsave, pvec, psig, NP,
     NET, N_RES: tl.constexpr, N_MLP: tl.constexpr, DP: tl.constexpr,
     HP: tl.constexpr, VW: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr,
 ):
     """Back-propagate ``g_o = ∂L/∂(σ⊙R(v))`` through net ``NET``; returns ``∂L/∂v``.
 
-    Writes ``G`` (each linear's output gradient) for the weight GEMM and this program's
-    partial sums of ``g_σ`` and ``g_β``. Addressing as in :func:`_net_forward`."""
+    Writes ``G`` (each linear's output gradient: ``gdsave`` for the ``H→D`` one, ``ghsave``
+    for the others) for the weight GEMM and this program's partial sums of ``g_σ`` and
+    ``g_β``. Addressing as in :func:`_net_forward`."""
     f = tl.arange(0, DP)
     cols = tl.arange(0, BH)
     lr = tl.arange(0, BM)
-    off_h = lr[:, None] * VW + cols[None, :]       # saved / G tile (BM, BH)
-    off_hd = lr[:, None] * VW + f[None, :]         # saved / G tile (BM, DP)
+    off_h = lr[:, None] * HP + cols[None, :]       # saved hidden / G tile (BM, BH)
+    off_x = lr[:, None] * DP + f[None, :]          # saved residual stream / G tile (BM, DP)
     off_bo = f[:, None] * HP + cols[None, :]       # W_out tile (DP, BH)
     off_bm = cols[:, None] * HP + cols[None, :]    # W_mid tile (BH, BH)
     off_bi = cols[:, None] * DP + f[None, :]       # W_in tile (BH, DP)
-    NSLOT = N_RES * (N_MLP + 1) + 1
-    h_net = hsave + (NET * NSLOT * NP + pid * BM) * VW
-    x_last = tl.load(h_net + (NSLOT - 1) * NP * VW + off_hd)
+    x_net = xsave + (NET * (N_RES + 1) * NP + pid * BM) * DP
+    x_last = tl.load(x_net + N_RES * NP * DP + off_x)
     tl.store(psig + (pid * 2 + NET) * DP + f, tl.sum(g_o * x_last, axis=0))
     g_x = g_o * tl.load(sig + NET * DP + f)[None, :]
     for rr in range(N_RES):  # runtime loop, as in _net_forward
@@ -270,19 +271,19 @@ def _net_backward(
         blk = NET * N_RES + r
         vb = vec + blk * (N_MLP + 1) * 2 * VW
         pb = pvec + (pid * (2 * N_RES) + blk) * ((N_MLP + 1) * VW)
-        g_blk = gsave + (blk * (N_MLP + 1) * NP + pid * BM) * VW
-        slot0 = r * (N_MLP + 1)
+        h_blk = hsave + (blk * N_MLP * NP + pid * BM) * HP    # h_i at h_blk + (i-1)·NP·HP
+        g_blk = ghsave + (blk * N_MLP * NP + pid * BM) * HP   # G_i (i < n_mlp) at g_blk + i·NP·HP
         # linear n_mlp (H -> D): its output gradient is g_x/√2, in registers
         g_f = g_x * INV_SQRT2
-        tl.store(g_blk + N_MLP * NP * VW + off_hd, g_f)
+        tl.store(gdsave + (blk * NP + pid * BM) * DP + off_x, g_f)
         g_f_op = g_f.to(w_out.dtype.element_ty)
         for j in range(0, HP, BH):
             w = tl.load(w_out + blk * (DP * HP) + j + off_bo)
             g_a = _mm(g_f_op, w, tl.zeros((BM, BH), g_x.dtype), PREC)
-            h = tl.load(h_net + (slot0 + N_MLP) * NP * VW + j + off_h)
+            h = tl.load(h_blk + (N_MLP - 1) * NP * HP + j + off_h)
             g_h, g_beta = _swish_grads(g_a, h, tl.load(vb + 2 * N_MLP * VW + j + cols)[None, :])
             tl.store(pb + N_MLP * VW + j + cols, tl.sum(g_beta, axis=0))
-            tl.store(g_blk + (N_MLP - 1) * NP * VW + j + off_h, g_h)
+            tl.store(g_blk + (N_MLP - 1) * NP * HP + j + off_h, g_h)
         tl.debug_barrier()
         # linears n_mlp-1 .. 1 (H -> H): stream G of linear i and W_i, write G of linear i-1
         for ii in tl.static_range(1, N_MLP):
@@ -291,13 +292,13 @@ def _net_backward(
             for j in range(0, HP, BH):
                 acc = tl.zeros((BM, BH), g_x.dtype)
                 for kk in range(0, HP, BH):
-                    g = tl.load(g_blk + i * NP * VW + kk + off_h, cache_modifier=".cg")
+                    g = tl.load(g_blk + i * NP * HP + kk + off_h, cache_modifier=".cg")
                     w = tl.load(wb + kk * HP + j + off_bm)
                     acc = _mm(g.to(w_mid.dtype.element_ty), w, acc, PREC)
-                h = tl.load(h_net + (slot0 + i) * NP * VW + j + off_h)
+                h = tl.load(h_blk + (i - 1) * NP * HP + j + off_h)
                 g_h, g_beta = _swish_grads(acc, h, tl.load(vb + 2 * i * VW + j + cols)[None, :])
                 tl.store(pb + i * VW + j + cols, tl.sum(g_beta, axis=0))
-                tl.store(g_blk + (i - 1) * NP * VW + j + off_h, g_h)
+                tl.store(g_blk + (i - 1) * NP * HP + j + off_h, g_h)
             tl.debug_barrier()
         # linear 0 (D -> H): back into registers, through swish(x_r), plus the skip path
         acc_i = tl.zeros((BM, DP), g_x.dtype)
@@ -305,7 +306,7 @@ def _net_backward(
             g_i = tl.load(g_blk + kk + off_h, cache_modifier=".cg")
             w_i = tl.load(w_in + blk * (HP * DP) + kk * DP + off_bi)
             acc_i = _mm(g_i.to(w_in.dtype.element_ty), w_i, acc_i, PREC)
-        x_r = tl.load(h_net + slot0 * NP * VW + off_hd)
+        x_r = tl.load(x_net + r * NP * DP + off_x)
         g_in, g_beta0 = _swish_grads(acc_i, x_r, tl.load(vb + f)[None, :])
         tl.store(pb + f, tl.sum(g_beta0, axis=0))
         g_x = g_x * INV_SQRT2 + g_in
@@ -314,8 +315,8 @@ def _net_backward(
 
 @triton.jit
 def _step_bwd_kernel(
-    u_ptr, gy_ptr, grow_ptr, gu_ptr, w_in, w_mid, w_out, vec, sig, hsave, gsave, pvec, psig,
-    N, NP, D,
+    u_ptr, gy_ptr, grow_ptr, gu_ptr, w_in, w_mid, w_out, vec, sig, xsave, hsave, gdsave, ghsave,
+    pvec, psig, N, NP, D,
     K: tl.constexpr, PARITY: tl.constexpr, INVERSE: tl.constexpr,
     N_RES: tl.constexpr, N_MLP: tl.constexpr, DP: tl.constexpr, HP: tl.constexpr,
     VW: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr,
@@ -324,7 +325,6 @@ def _step_bwd_kernel(
     pid = tl.program_id(0)
     rows = pid * BM + tl.arange(0, BM)
     f = tl.arange(0, DP)
-    NSLOT = N_RES * (N_MLP + 1) + 1
     # The S net (0), then the T net (1), as a runtime loop (as in _step_fwd_kernel): each
     # iteration rebuilds its output gradient from the step's inputs and the saved x_R; the S
     # net's input gradient waits in g_u's memory (read back by the thread that wrote it).
@@ -332,7 +332,7 @@ def _step_bwd_kernel(
         trans = _checkerboard(f, D, K, PARITY)[None, :]
         ptrs = rows[:, None] * D + f[None, :]
         mask = (rows < N)[:, None] & (f < D)[None, :]
-        last = hsave + ((NSLOT - 1) * NP + pid * BM) * VW + tl.arange(0, BM)[:, None] * VW + f[None, :]
+        last = xsave + (N_RES * NP + pid * BM) * DP + tl.arange(0, BM)[:, None] * DP + f[None, :]
         gy = tl.load(gy_ptr + ptrs, mask=mask, other=0.0)
         th = _tanh(tl.load(sig + f)[None, :] * tl.load(last))
         s = tl.where(trans, th, 0.0)
@@ -341,13 +341,13 @@ def _step_bwd_kernel(
             g_row = tl.load(grow_ptr + rows, mask=rows < N, other=0.0)[:, None]
             u = tl.load(u_ptr + ptrs, mask=mask, other=0.0)
             if INVERSE:
-                t = tl.where(trans, tl.load(sig + DP + f)[None, :] * tl.load(last + NSLOT * NP * VW), 0.0)
+                t = tl.where(trans, tl.load(sig + DP + f)[None, :] * tl.load(last + (N_RES + 1) * NP * DP), 0.0)
                 g_o = tl.where(trans, -gy * ((u - t) * e) - g_row, 0.0) * (1.0 - th * th)
             else:
                 g_o = tl.where(trans, gy * u * e + g_row, 0.0) * (1.0 - th * th)
         else:
             g_o = tl.where(trans, -gy * e if INVERSE else gy, 0.0)
-        g_v = _net_backward(g_o, pid, w_in, w_mid, w_out, vec, sig, hsave, gsave,
+        g_v = _net_backward(g_o, pid, w_in, w_mid, w_out, vec, sig, xsave, hsave, gdsave, ghsave,
                             pvec, psig, NP, net, N_RES, N_MLP, DP, HP, VW, BM, BH, PREC)
         if net == 0:
             tl.store(gu_ptr + ptrs, g_v, mask=mask)
@@ -359,35 +359,45 @@ def _step_bwd_kernel(
 
 @triton.jit
 def _wgrad_kernel(
-    gsave, hsave, vec, out, NP,
-    N_RES: tl.constexpr, N_MLP: tl.constexpr, VW: tl.constexpr, I0: tl.constexpr,
+    g_ptr, a_ptr, vec, out, NP,
+    N_RES: tl.constexpr, N_MLP: tl.constexpr, VW: tl.constexpr, KIND: tl.constexpr,
     CNT: tl.constexpr, OUT_W: tl.constexpr, IN_W: tl.constexpr,
     BO: tl.constexpr, BI: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
 ):
-    """``g_W[z] = G_iᵀ · swish(h_i)`` for linears ``i ∈ [I0, I0+CNT)`` of every block of both
-    nets (``z = (net·R + r)·CNT + i - I0``), tile ``(BO, BI)``, the ``NP`` (padded, a multiple
-    of ``BN``) rows reduced in order."""
+    """``g_W[z] = G_iᵀ · swish(h_i)`` for one kind of linear (``KIND`` 0: ``D→H``, its ``h`` in
+    ``xsave``; 1: ``H→H``; 2: ``H→D``, its ``G`` in ``gdsave``) of every block of both nets
+    (``z = (net·R + r)·CNT + c``), tile ``(BO, BI)``, the ``NP`` (padded, a multiple of ``BN``)
+    rows reduced in order. ``G`` rows are ``OUT_W`` wide, ``h`` rows ``IN_W``."""
     z = tl.program_id(2)
-    net = z // (N_RES * CNT)
-    r = (z // CNT) % N_RES
-    i = I0 + z % CNT
+    blk = z // CNT  # net·R + r
+    c = z % CNT
+    if KIND == 0:
+        i = 0
+        gslot = blk * N_MLP                                      # in ghsave
+        aslot = (blk // N_RES) * (N_RES + 1) + blk % N_RES       # x_r in xsave
+    elif KIND == 1:
+        i = 1 + c
+        gslot = blk * N_MLP + i
+        aslot = blk * N_MLP + i - 1                              # h_i in hsave
+    else:
+        i = N_MLP
+        gslot = blk                                              # in gdsave
+        aslot = blk * N_MLP + N_MLP - 1
     o = tl.program_id(0) * BO + tl.arange(0, BO)
-    c = tl.program_id(1) * BI + tl.arange(0, BI)
+    k = tl.program_id(1) * BI + tl.arange(0, BI)
     n = tl.arange(0, BN)
     omask = o < OUT_W
-    cmask = c < IN_W
-    gslot = (net * N_RES + r) * (N_MLP + 1) + i
-    hslot = net * (N_RES * (N_MLP + 1) + 1) + r * (N_MLP + 1) + i
-    off_g = n[None, :] * VW + o[:, None]           # Gᵀ tile (BO, BN)
-    off_a = n[:, None] * VW + c[None, :]           # h tile (BN, BI)
-    beta = tl.load(vec + gslot * 2 * VW + c, mask=cmask, other=0.0)[None, :]
+    kmask = k < IN_W
+    off_g = n[None, :] * OUT_W + o[:, None]        # Gᵀ tile (BO, BN)
+    off_a = n[:, None] * IN_W + k[None, :]         # h tile (BN, BI)
+    beta = tl.load(vec + (blk * (N_MLP + 1) + i) * 2 * VW + k, mask=kmask, other=0.0)[None, :]
     acc = tl.zeros((BO, BI), out.dtype.element_ty)
     for n0 in range(0, NP, BN):
-        g = tl.load(gsave + (gslot * NP + n0) * VW + off_g, mask=omask[:, None], other=0.0)
-        h = tl.load(hsave + (hslot * NP + n0) * VW + off_a, mask=cmask[None, :], other=0.0)
+        g = tl.load(g_ptr + (gslot * NP + n0) * OUT_W + off_g, mask=omask[:, None], other=0.0)
+        h = tl.load(a_ptr + (aslot * NP + n0) * IN_W + off_a, mask=kmask[None, :], other=0.0)
         acc = _mm(g, _swish(h, beta), acc, PREC)
-    tl.store(out + z * (OUT_W * IN_W) + o[:, None] * IN_W + c[None, :], acc,
-             mask=omask[:, None] & cmask[None, :])
+    tl.store(out + z * (OUT_W * IN_W) + o[:, None] * IN_W + k[None, :], acc,
+             mask=omask[:, None] & kmask[None, :])
 
 
 INTERPRETED = isinstance(_step_fwd_kernel, InterpretedFunction)
@@ -465,63 +475,86 @@ def _meta(cfg, K, n_res, n_mlp, precision, BM, num_warps, num_stages, maxnreg):
     return meta
 
 
+def saved_sizes(cfg, n_res, n_mlp, N):
+    """Elements of a step's saved activations: ``x`` (the residual stream ``x_r`` entering each
+    block and ``x_R``: ``(2, R+1, NP, DP)``) and ``h`` (each block's hidden pre-activations
+    ``h_1 .. h_n_mlp``: ``(2, R, n_mlp, NP, HP)``), rows padded to ``NP``."""
+    NP = cfg.padded_rows(N)
+    return 2 * (n_res + 1) * NP * cfg.DP, 2 * n_res * n_mlp * NP * cfg.HP
+
+
+def split_saved(saved, cfg, n_res, n_mlp, N):
+    """The ``(xsave, hsave)`` views of a step's flat saved buffer (:func:`saved_sizes`)."""
+    NP = cfg.padded_rows(N)
+    nx, nh = saved_sizes(cfg, n_res, n_mlp, N)
+    return (saved[:nx].view(2, n_res + 1, NP, cfg.DP),
+            saved[nx:nx + nh].view(2, n_res, n_mlp, NP, cfg.HP))
+
+
 def step_forward(u, w_in, w_mid, w_out, vec, sig, cfg, K, parity, inverse, n_res, n_mlp,
                  precision, store):
     """One step on ``u (N, D)`` (contiguous). Weights packed as
     :func:`rgflow_fast.triton_layer.pack_params` packs them, in the operand dtype.
 
-    Returns ``(u' (N, D), rows (N,), hsave)``; ``hsave (2, R·(n_mlp+1)+1, NP, VW)`` (rows
-    padded to ``NP = cfg.padded_rows(N)``) holds the pre-activations when ``store`` (else it
-    is empty)."""
+    Returns ``(u' (N, D), rows (N,), saved)``: ``saved`` is the flat buffer of the step's
+    pre-activations (:func:`split_saved`) when ``store``, else empty."""
     N, D = u.shape
     NP = cfg.padded_rows(N)
     grid = (NP // cfg.fwd_BM,)  # padded rows too: every saved row is written
     y = torch.empty_like(u)
     rows = u.new_empty(N)
     scr = torch.empty(grid[0] * 2 * cfg.fwd_BM * cfg.HP, dtype=w_in.dtype, device=u.device)
-    nslot = n_res * (n_mlp + 1) + 1
-    hsave = u.new_empty((2, nslot, NP, cfg.VW) if store else (0,))
+    saved = u.new_empty(sum(saved_sizes(cfg, n_res, n_mlp, N)) if store else 0)
+    xsave, hsave = split_saved(saved, cfg, n_res, n_mlp, N) if store else (u, u)
     _step_fwd_kernel[grid](
-        u, y, rows, w_in, w_mid, w_out, vec, sig, scr, hsave if store else u, N, NP, D,
+        u, y, rows, w_in, w_mid, w_out, vec, sig, scr, xsave, hsave, N, NP, D,
         PARITY=parity, INVERSE=inverse, STORE=store,
         **_meta(cfg, K, n_res, n_mlp, precision, cfg.fwd_BM, cfg.fwd_warps, cfg.fwd_stages,
                 cfg.fwd_maxnreg),
     )
-    return y, rows, hsave
+    return y, rows, saved
 
 
-def step_backward(u, g_y, g_rows, hsave, w_in, w_mid, w_out, vec, sig, cfg, K, parity, inverse,
+def step_backward(u, g_y, g_rows, saved, w_in, w_mid, w_out, vec, sig, cfg, K, parity, inverse,
                   n_res, n_mlp, precision):
-    """Backward of one step. Returns ``(g_u (N, D), G, g_β partials, g_σ partials)`` with
-    ``G (2, R, n_mlp+1, NP, VW)`` each linear's output gradient (zero on padded rows),
-    ``g_β`` partials ``(programs, 2, R, n_mlp+1, VW)``, ``g_σ`` partials ``(programs, 2, DP)``."""
+    """Backward of one step from its saved activations. Returns ``(g_u (N, D), gdsave,
+    ghsave, g_β partials, g_σ partials)``: each linear's output gradient ``G`` (zero on padded
+    rows) for the ``H→D`` linears ``gdsave (2, R, NP, DP)`` and the others ``ghsave (2, R,
+    n_mlp, NP, HP)``; ``g_β`` partials ``(programs, 2, R, n_mlp+1, VW)``, ``g_σ`` partials
+    ``(programs, 2, DP)``."""
     N, D = u.shape
     NP = cfg.padded_rows(N)
     grid = (NP // cfg.bwd_BM,)
     g_u = torch.empty_like(u)
-    gsave = u.new_empty(2, n_res, n_mlp + 1, NP, cfg.VW)
+    xsave, hsave = split_saved(saved, cfg, n_res, n_mlp, N)
+    gdsave = u.new_empty(2, n_res, NP, cfg.DP)
+    ghsave = u.new_empty(2, n_res, n_mlp, NP, cfg.HP)
     pvec = u.new_zeros(grid[0], 2, n_res, n_mlp + 1, cfg.VW)
     psig = u.new_empty(grid[0], 2, cfg.DP)
     _step_bwd_kernel[grid](
-        u, g_y, g_rows, g_u, w_in, w_mid, w_out, vec, sig, hsave, gsave, pvec, psig, N, NP, D,
-        PARITY=parity, INVERSE=inverse,
+        u, g_y, g_rows, g_u, w_in, w_mid, w_out, vec, sig, xsave, hsave, gdsave, ghsave, pvec,
+        psig, N, NP, D, PARITY=parity, INVERSE=inverse,
         **_meta(cfg, K, n_res, n_mlp, precision, cfg.bwd_BM, cfg.bwd_warps, cfg.bwd_stages,
                 cfg.bwd_maxnreg),
     )
-    return g_u, gsave, pvec, psig
+    return g_u, gdsave, ghsave, pvec, psig
 
 
-def weight_grads(gsave, hsave, vec, cfg, n_res, n_mlp, precision, dtype):
+def weight_grads(saved, gdsave, ghsave, vec, cfg, n_res, n_mlp, precision, dtype):
     """``(g_W_in (2R, HP, DP), g_W_mid (2R(n_mlp-1), HP, HP), g_W_out (2R, DP, HP))``."""
-    NP = gsave.shape[3]
+    NP = ghsave.shape[3]
+    xsave, hsave = split_saved(saved, cfg, n_res, n_mlp, NP)
     out = []
-    for i0, cnt, out_w, in_w in ((0, 1, cfg.HP, cfg.DP), (1, n_mlp - 1, cfg.HP, cfg.HP),
-                                 (n_mlp, 1, cfg.DP, cfg.HP)):
-        g = torch.empty(2 * n_res * cnt, out_w, in_w, dtype=dtype, device=gsave.device)
+    for kind, cnt, out_w, in_w, g_buf, a_buf in (
+        (0, 1, cfg.HP, cfg.DP, ghsave, xsave),
+        (1, n_mlp - 1, cfg.HP, cfg.HP, ghsave, hsave),
+        (2, 1, cfg.DP, cfg.HP, gdsave, hsave),
+    ):
+        g = torch.empty(2 * n_res * cnt, out_w, in_w, dtype=dtype, device=ghsave.device)
         if g.numel():
             grid = (triton.cdiv(out_w, cfg.BO), triton.cdiv(in_w, cfg.BI), 2 * n_res * cnt)
             _wgrad_kernel[grid](
-                gsave, hsave, vec, g, NP, N_RES=n_res, N_MLP=n_mlp, VW=cfg.VW, I0=i0, CNT=cnt,
+                g_buf, a_buf, vec, g, NP, N_RES=n_res, N_MLP=n_mlp, VW=cfg.VW, KIND=kind, CNT=cnt,
                 OUT_W=out_w, IN_W=in_w, BO=cfg.BO, BI=cfg.BI, BN=cfg.BN,
                 PREC=PRECISIONS[precision], num_warps=cfg.wgrad_warps, num_stages=cfg.wgrad_stages,
             )

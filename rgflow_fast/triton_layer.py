@@ -3,7 +3,7 @@ steps, the ``S`` and ``T`` nets, coupling and log-det) as a differentiable ``tor
 custom op on the kernels of :mod:`rgflow_fast.kernels.rg_coupling_layer`.
 
     rgflow_fast_triton::coupling_layer(u, w_in, w_mid, w_out, vec, sig, k, n_res, n_mlp,
-        hidden, inverse, store, precision) -> (u', rows (2, N), u_mid, hsave_0, hsave_1)
+        hidden, inverse, store, precision) -> (u', rows (2, N), u_mid, saved_0, saved_1)
     rgflow_fast_triton::coupling_layer_backward(...) -> (g_u, g_w_in, g_w_mid, g_w_out, g_vec, g_sig)
 
 The op works on *packed* parameters: :func:`pack_params` applies the weight norm
@@ -88,7 +88,7 @@ def unsupported_reason(u: Tensor, params, n_mlp: int, precision: str = "fp32"):
         return f"Triton kernels run on CUDA tensors (or CPU ones in its interpreter), not {u.device.type}"
     n_res = net_layout(len(params), n_mlp)
     cfg = _k.tile_config(D, _hidden(params, n_res), u.device, precision)
-    if 2 * (n_res * (n_mlp + 1) + 1) * cfg.padded_rows(u.shape[0]) * cfg.VW > _INT32_MAX:
+    if max(_k.saved_sizes(cfg, n_res, n_mlp, u.shape[0])) > _INT32_MAX:
         return (f"{u.shape[0]} rows is too many for one call (the saved activations would pass "
                 f"2^31 elements); split the batch")
     return None
@@ -163,7 +163,7 @@ def _layer(
 def _(u, w_in, w_mid, w_out, vec, sig, kernel_size, n_res, n_mlp, hidden, inverse, store, precision):
     N, D = u.shape[0], u[0].numel()
     cfg = _k.tile_config(D, hidden, u.device, precision)
-    saved = (2, n_res * (n_mlp + 1) + 1, cfg.padded_rows(N), cfg.VW) if store else (0,)
+    saved = sum(_k.saved_sizes(cfg, n_res, n_mlp, N)) if store else 0
     return (u.new_empty(u.shape), u.new_empty(2, N), u.new_empty(N, D), u.new_empty(saved),
             u.new_empty(saved))
 
@@ -191,21 +191,21 @@ def _layer_backward(
         if hsave.numel() == 0:
             hsave = _k.step_forward(x, *ops, vec, sig, cfg, kernel_size, parity, inverse, n_res,
                                     n_mlp, precision, True)[2]
-        g, gsave, pvec, psig = _k.step_backward(
+        g, gdsave, ghsave, pvec, psig = _k.step_backward(
             x, g, g_rows[step].contiguous(), hsave, *ops, vec, sig, cfg, kernel_size, parity,
             inverse, n_res, n_mlp, precision,
         )
         g_sig += psig.sum(dim=0)
         if n_res:
-            for acc, part in zip(g_w, _k.weight_grads(gsave, hsave, vec, cfg, n_res, n_mlp,
-                                                      precision, u.dtype)):
+            for acc, part in zip(g_w, _k.weight_grads(hsave, gdsave, ghsave, vec, cfg, n_res,
+                                                      n_mlp, precision, u.dtype)):
                 if part.numel():
                     acc += part
             g_beta += pvec.sum(dim=0)
-            # G holds each linear's output gradient on its real width only (H, or D for the last)
-            g_b[:, :, :n_mlp, : cfg.HP] += gsave[:, :, :n_mlp, :, : cfg.HP].sum(dim=3)
-            g_b[:, :, n_mlp, : cfg.DP] += gsave[:, :, n_mlp, :, : cfg.DP].sum(dim=2)
-        del hsave, gsave
+            # g_b = Σ_rows G (padded rows hold zeros): H wide for linears 0 .. n_mlp-1, D for the last
+            g_b[:, :, :n_mlp, : cfg.HP] += ghsave.sum(dim=3)
+            g_b[:, :, n_mlp, : cfg.DP] += gdsave.sum(dim=2)
+        del hsave, gdsave, ghsave
     g_vec = torch.stack([g_beta, g_b], dim=3).reshape(vec.shape) if n_res else torch.zeros_like(vec)
     return (g.view(u.shape), *g_w, g_vec, g_sig)
 
