@@ -27,3 +27,24 @@ def test_python_dash_m_entry_point():
 def test_no_command_prints_help(capsys):
     assert main([]) == 2
     assert "usage: rgflow-fast" in capsys.readouterr().out
+
+
+def test_progress_bar_on_a_terminal_and_silence_when_disabled(monkeypatch):
+    import io
+
+    from rgflow_fast.training.progress import Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    for enabled in (True, False):
+        screen = Terminal()
+        monkeypatch.setattr(sys, "stderr", screen)
+        with Progress(3, "demo", enabled=enabled) as progress:
+            for _ in range(3):
+                progress.update(bpd=1.25)
+        if enabled:
+            assert "demo: 100%" in screen.getvalue() and "3/3" in screen.getvalue() and "bpd 1.25" in screen.getvalue()
+        else:
+            assert screen.getvalue() == ""  # --quiet and ranks other than 0
