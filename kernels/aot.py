@@ -176,6 +176,7 @@ def _record_layer(rec, shape_name, quick, arch):
     cuda = torch.device("cuda")
     for precision in PRECISIONS:
         cfg = K.tile_config(D, hidden, cuda, precision, arch)
+        # operand and storage dtypes as rgflow_fast.triton_layer passes them
         wdt = torch.bfloat16 if precision == "bf16" else torch.float32
         w_in = torch.zeros(2 * n_res, cfg.HP, cfg.DP, dtype=wdt)
         w_mid = torch.zeros(max(1, 2 * n_res * (n_mlp - 1)), cfg.HP, cfg.HP, dtype=wdt)
@@ -190,15 +191,15 @@ def _record_layer(rec, shape_name, quick, arch):
                 rec.label = f"layer_fwd[{shape_name},{precision},p{parity},{'inv' if inverse else 'fwd'}]"
                 for store in stores:
                     K.step_forward(u, w_in, w_mid, w_out, vec, sig, cfg, k, parity, inverse, n_res,
-                                   n_mlp, precision, store)
-                saved = torch.zeros(sum(K.saved_sizes(cfg, n_res, n_mlp, N)))
+                                   n_mlp, precision, store, wdt)
+                saved = torch.zeros(sum(K.saved_sizes(cfg, n_res, n_mlp, N)), dtype=wdt)
                 rec.label = f"layer_bwd[{shape_name},{precision},p{parity},{'inv' if inverse else 'fwd'}]"
                 K.step_backward(u, u, u[:, 0], saved, w_in, w_mid, w_out, vec, sig, cfg, k, parity,
                                 inverse, n_res, n_mlp, precision)
         rec.label = f"layer_wgrad[{shape_name},{precision}]"
         NP = cfg.padded_rows(N)
-        gdsave = torch.zeros(2, n_res, NP, cfg.DP)
-        ghsave = torch.zeros(2, n_res, n_mlp, NP, cfg.HP)
+        gdsave = torch.zeros(2, n_res, NP, cfg.DP, dtype=wdt)
+        ghsave = torch.zeros(2, n_res, n_mlp, NP, cfg.HP, dtype=wdt)
         K.weight_grads(saved, gdsave, ghsave, vec, cfg, n_res, n_mlp, precision, torch.float32)
         rec.precision = None
 

@@ -51,8 +51,8 @@ the backward kernel would save that buffer too but costs the forward once per bl
 Precision (``PREC``): 0 ``"fp32"``: ``tl.dot(..., input_precision="ieee")`` (float64 in the
 interpreter: exact float64); 1 ``"tf32"``: TF32 operands, fp32 accumulation; 2 ``"bf16"``:
 bf16 weights and activations as ``tl.dot`` operands (the scratch tile is bf16), fp32
-accumulation and fp32 everywhere else (Swish, residual, coupling, log-det, saved
-pre-activations, gradients).
+accumulation and fp32 arithmetic everywhere else (Swish, residual, coupling, log-det), the
+saved pre-activations and output gradients stored in bf16 (``save_dtype``).
 
 Floors, per step on ``N`` rows (``H`` hidden, ``R`` blocks, ``w`` bytes per operand: 4 fp32
 and TF32, 2 bf16). Matmul FLOPs: ``F = 2 nets · R · 2·(2·D·H + (n_mlp-1)·H²) · N`` forward,
@@ -63,10 +63,10 @@ byte, so the products are tensor-core bound while ``2·BM / w ≥ peak / L2 band
 bytes written by the storing forward and read by the backward, ``G`` (``2·R·(DP +
 n_mlp·HP)·NP·4 ≈ S``) written by the backward and read with ``S`` by the weight GEMM: ``≈ 5S``
 bytes a training step against ``3F`` FLOP, floor ``5S / HBM bandwidth``. At the paper config
-(``S ≈ 35 kB`` a row) ``3F / 5S ≈ 85`` FLOP per byte, under the bf16 and TF32 ridge points of
-an H100 (``peak / 3 TB/s``): keeping ``S`` and ``G`` in bf16 (bf16 mode) or recomputing the
-pre-activations inside the weight GEMM is where the training step's time goes next, to be
-measured.
+``S ≈ 35 kB`` a row in fp32 (``3F / 5S ≈ 85`` FLOP per byte) and half that in bf16 mode
+(``≈ 170``): both under an H100's ridge points (``peak / 3 TB/s``: ≈ 165 TF32, ≈ 330 bf16),
+so the saved-activation traffic, not the products, sets the training step's floor; recomputing
+the pre-activations inside the weight GEMM is the next step, to be measured.
 """
 from __future__ import annotations
 
@@ -161,14 +161,14 @@ def _net_forward(
         vb = vec + blk * (N_MLP + 1) * 2 * VW
         h_blk = hsave + (blk * N_MLP * NP + pid * BM) * HP  # h_1 .. h_n_mlp of this block
         if STORE:
-            tl.store(x_net + r * NP * DP + off_x, x)
+            tl.store(x_net + r * NP * DP + off_x, x.to(xsave.dtype.element_ty))
         # linear 0 (D -> H): operand swish(x) from registers; output Swish-ed into scratch 0
         a0 = _swish(x, tl.load(vb + f)[None, :]).to(w_in.dtype.element_ty)
         for j in range(0, HP, BH):
             w = tl.load(w_in + blk * (HP * DP) + j * DP + off_wi)
             h = _mm(a0, w, tl.zeros((BM, BH), x.dtype), PREC) + tl.load(vb + VW + j + cols)[None, :]
             if STORE:
-                tl.store(h_blk + j + off_s, h)
+                tl.store(h_blk + j + off_s, h.to(hsave.dtype.element_ty))
             a = _swish(h, tl.load(vb + 2 * VW + j + cols)[None, :])
             tl.store(scr_tile + j + off_s, a.to(scr.dtype.element_ty))
         tl.debug_barrier()
@@ -185,7 +185,7 @@ def _net_forward(
                     acc = _mm(a, w, acc, PREC)
                 h = acc + tl.load(vb + (2 * i + 1) * VW + j + cols)[None, :]
                 if STORE:
-                    tl.store(h_blk + i * NP * HP + j + off_s, h)
+                    tl.store(h_blk + i * NP * HP + j + off_s, h.to(hsave.dtype.element_ty))
                 a = _swish(h, tl.load(vb + (2 * i + 2) * VW + j + cols)[None, :])
                 tl.store(dst + j + off_s, a.to(scr.dtype.element_ty))
             tl.debug_barrier()
@@ -200,7 +200,7 @@ def _net_forward(
         x = (x + (acc_o + tl.load(vb + (2 * N_MLP + 1) * VW + f)[None, :])) * INV_SQRT2
         tl.debug_barrier()  # the next block overwrites the scratch this one just read
     if STORE:
-        tl.store(x_net + N_RES * NP * DP + off_x, x)
+        tl.store(x_net + N_RES * NP * DP + off_x, x.to(xsave.dtype.element_ty))
     return x
 
 
@@ -263,7 +263,7 @@ def _net_backward(
     off_bm = cols[:, None] * HP + cols[None, :]    # W_mid tile (BH, BH)
     off_bi = cols[:, None] * DP + f[None, :]       # W_in tile (BH, DP)
     x_net = xsave + (NET * (N_RES + 1) * NP + pid * BM) * DP
-    x_last = tl.load(x_net + N_RES * NP * DP + off_x)
+    x_last = tl.load(x_net + N_RES * NP * DP + off_x).to(g_o.dtype)
     tl.store(psig + (pid * 2 + NET) * DP + f, tl.sum(g_o * x_last, axis=0))
     g_x = g_o * tl.load(sig + NET * DP + f)[None, :]
     for rr in range(N_RES):  # runtime loop, as in _net_forward
@@ -275,15 +275,15 @@ def _net_backward(
         g_blk = ghsave + (blk * N_MLP * NP + pid * BM) * HP   # G_i (i < n_mlp) at g_blk + i·NP·HP
         # linear n_mlp (H -> D): its output gradient is g_x/√2, in registers
         g_f = g_x * INV_SQRT2
-        tl.store(gdsave + (blk * NP + pid * BM) * DP + off_x, g_f)
+        tl.store(gdsave + (blk * NP + pid * BM) * DP + off_x, g_f.to(gdsave.dtype.element_ty))
         g_f_op = g_f.to(w_out.dtype.element_ty)
         for j in range(0, HP, BH):
             w = tl.load(w_out + blk * (DP * HP) + j + off_bo)
             g_a = _mm(g_f_op, w, tl.zeros((BM, BH), g_x.dtype), PREC)
-            h = tl.load(h_blk + (N_MLP - 1) * NP * HP + j + off_h)
+            h = tl.load(h_blk + (N_MLP - 1) * NP * HP + j + off_h).to(g_x.dtype)
             g_h, g_beta = _swish_grads(g_a, h, tl.load(vb + 2 * N_MLP * VW + j + cols)[None, :])
             tl.store(pb + N_MLP * VW + j + cols, tl.sum(g_beta, axis=0))
-            tl.store(g_blk + (N_MLP - 1) * NP * HP + j + off_h, g_h)
+            tl.store(g_blk + (N_MLP - 1) * NP * HP + j + off_h, g_h.to(ghsave.dtype.element_ty))
         tl.debug_barrier()
         # linears n_mlp-1 .. 1 (H -> H): stream G of linear i and W_i, write G of linear i-1
         for ii in tl.static_range(1, N_MLP):
@@ -295,10 +295,10 @@ def _net_backward(
                     g = tl.load(g_blk + i * NP * HP + kk + off_h, cache_modifier=".cg")
                     w = tl.load(wb + kk * HP + j + off_bm)
                     acc = _mm(g.to(w_mid.dtype.element_ty), w, acc, PREC)
-                h = tl.load(h_blk + (i - 1) * NP * HP + j + off_h)
+                h = tl.load(h_blk + (i - 1) * NP * HP + j + off_h).to(g_x.dtype)
                 g_h, g_beta = _swish_grads(acc, h, tl.load(vb + 2 * i * VW + j + cols)[None, :])
                 tl.store(pb + i * VW + j + cols, tl.sum(g_beta, axis=0))
-                tl.store(g_blk + (i - 1) * NP * HP + j + off_h, g_h)
+                tl.store(g_blk + (i - 1) * NP * HP + j + off_h, g_h.to(ghsave.dtype.element_ty))
             tl.debug_barrier()
         # linear 0 (D -> H): back into registers, through swish(x_r), plus the skip path
         acc_i = tl.zeros((BM, DP), g_x.dtype)
@@ -306,7 +306,7 @@ def _net_backward(
             g_i = tl.load(g_blk + kk + off_h, cache_modifier=".cg")
             w_i = tl.load(w_in + blk * (HP * DP) + kk * DP + off_bi)
             acc_i = _mm(g_i.to(w_in.dtype.element_ty), w_i, acc_i, PREC)
-        x_r = tl.load(x_net + r * NP * DP + off_x)
+        x_r = tl.load(x_net + r * NP * DP + off_x).to(g_x.dtype)
         g_in, g_beta0 = _swish_grads(acc_i, x_r, tl.load(vb + f)[None, :])
         tl.store(pb + f, tl.sum(g_beta0, axis=0))
         g_x = g_x * INV_SQRT2 + g_in
@@ -334,14 +334,14 @@ def _step_bwd_kernel(
         mask = (rows < N)[:, None] & (f < D)[None, :]
         last = xsave + (N_RES * NP + pid * BM) * DP + tl.arange(0, BM)[:, None] * DP + f[None, :]
         gy = tl.load(gy_ptr + ptrs, mask=mask, other=0.0)
-        th = _tanh(tl.load(sig + f)[None, :] * tl.load(last))
+        th = _tanh(tl.load(sig + f)[None, :] * tl.load(last).to(gy.dtype))
         s = tl.where(trans, th, 0.0)
         e = tl.exp(-s) if INVERSE else tl.exp(s)
         if net == 0:
             g_row = tl.load(grow_ptr + rows, mask=rows < N, other=0.0)[:, None]
             u = tl.load(u_ptr + ptrs, mask=mask, other=0.0)
             if INVERSE:
-                t = tl.where(trans, tl.load(sig + DP + f)[None, :] * tl.load(last + (N_RES + 1) * NP * DP), 0.0)
+                t = tl.where(trans, tl.load(sig + DP + f)[None, :] * tl.load(last + (N_RES + 1) * NP * DP).to(gy.dtype), 0.0)
                 g_o = tl.where(trans, -gy * ((u - t) * e) - g_row, 0.0) * (1.0 - th * th)
             else:
                 g_o = tl.where(trans, gy * u * e + g_row, 0.0) * (1.0 - th * th)
@@ -395,7 +395,7 @@ def _wgrad_kernel(
     for n0 in range(0, NP, BN):
         g = tl.load(g_ptr + (gslot * NP + n0) * OUT_W + off_g, mask=omask[:, None], other=0.0)
         h = tl.load(a_ptr + (aslot * NP + n0) * IN_W + off_a, mask=kmask[None, :], other=0.0)
-        acc = _mm(g, _swish(h, beta), acc, PREC)
+        acc = _mm(g.to(acc.dtype), _swish(h.to(acc.dtype), beta), acc, PREC)
     tl.store(out + z * (OUT_W * IN_W) + o[:, None] * IN_W + k[None, :], acc,
              mask=omask[:, None] & kmask[None, :])
 
@@ -492,19 +492,20 @@ def split_saved(saved, cfg, n_res, n_mlp, N):
 
 
 def step_forward(u, w_in, w_mid, w_out, vec, sig, cfg, K, parity, inverse, n_res, n_mlp,
-                 precision, store):
+                 precision, store, save_dtype=None):
     """One step on ``u (N, D)`` (contiguous). Weights packed as
     :func:`rgflow_fast.triton_layer.pack_params` packs them, in the operand dtype.
 
     Returns ``(u' (N, D), rows (N,), saved)``: ``saved`` is the flat buffer of the step's
-    pre-activations (:func:`split_saved`) when ``store``, else empty."""
+    pre-activations (:func:`split_saved`) in ``save_dtype`` (default ``u``'s; bf16 halves
+    the backward's memory traffic) when ``store``, else empty."""
     N, D = u.shape
     NP = cfg.padded_rows(N)
     grid = (NP // cfg.fwd_BM,)  # padded rows too: every saved row is written
     y = torch.empty_like(u)
     rows = u.new_empty(N)
     scr = torch.empty(grid[0] * 2 * cfg.fwd_BM * cfg.HP, dtype=w_in.dtype, device=u.device)
-    saved = u.new_empty(sum(saved_sizes(cfg, n_res, n_mlp, N)) if store else 0)
+    saved = u.new_empty(sum(saved_sizes(cfg, n_res, n_mlp, N)) if store else 0, dtype=save_dtype or u.dtype)
     xsave, hsave = split_saved(saved, cfg, n_res, n_mlp, N) if store else (u, u)
     _step_fwd_kernel[grid](
         u, y, rows, w_in, w_mid, w_out, vec, sig, scr, xsave, hsave, N, NP, D,
@@ -521,14 +522,14 @@ def step_backward(u, g_y, g_rows, saved, w_in, w_mid, w_out, vec, sig, cfg, K, p
     ghsave, g_β partials, g_σ partials)``: each linear's output gradient ``G`` (zero on padded
     rows) for the ``H→D`` linears ``gdsave (2, R, NP, DP)`` and the others ``ghsave (2, R,
     n_mlp, NP, HP)``; ``g_β`` partials ``(programs, 2, R, n_mlp+1, VW)``, ``g_σ`` partials
-    ``(programs, 2, DP)``."""
+    ``(programs, 2, DP)``. ``G`` is kept in ``saved``'s dtype."""
     N, D = u.shape
     NP = cfg.padded_rows(N)
     grid = (NP // cfg.bwd_BM,)
     g_u = torch.empty_like(u)
     xsave, hsave = split_saved(saved, cfg, n_res, n_mlp, N)
-    gdsave = u.new_empty(2, n_res, NP, cfg.DP)
-    ghsave = u.new_empty(2, n_res, n_mlp, NP, cfg.HP)
+    gdsave = saved.new_empty(2, n_res, NP, cfg.DP)
+    ghsave = saved.new_empty(2, n_res, n_mlp, NP, cfg.HP)
     pvec = u.new_zeros(grid[0], 2, n_res, n_mlp + 1, cfg.VW)
     psig = u.new_empty(grid[0], 2, cfg.DP)
     _step_bwd_kernel[grid](
