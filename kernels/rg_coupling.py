@@ -310,6 +310,8 @@ def coupling_backward(x, s, t, g_y, g_ldj, g_v, kernel_size, dilation, offset, p
             *(g_v.stride() if g_v is not None else (0, 0, 0, 0)),
             PARITY=parity, INVERSE=inverse, HAS_GV=g_v is not None, ACC=_acc(x.dtype),
             K=kernel_size, D=dilation, BLOCK=block,
+            # 128 pixels a warp: with 256, ptxas spills in bf16 on sm_80 (kernels/aot.py)
+            num_warps=max(1, min(8, block // 128)),
         )
     return g_x, g_s, g_t
 
