@@ -183,7 +183,7 @@ def test_train_step(benchmark, batch, variant):
 
             if graph:
                 step = capture_training_step(model, optimizer, x, loss_fn, clip_grad_norm=CLIP)
-                fn = lambda: step(x)  # noqa: E731
+                fn = lambda: step(x)[0]  # noqa: E731
             else:
                 def fn():
                     optimizer.zero_grad(set_to_none=True)

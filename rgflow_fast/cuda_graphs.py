@@ -3,7 +3,7 @@
 
     step = capture_training_step(model, optimizer, example_batch, loss_fn, clip_grad_norm=1.0)
     for x in loader:                       # every batch of example_batch's shape and dtype
-        loss = step(x)                     # copies x in, replays; loss is a (static) tensor
+        loss, grad_norm = step(x)          # copies x in, replays; both are (static) tensors
 
 A replay removes the host cost of the step's thousands of kernel launches (the paper model
 runs ~1,250 patch-layer evaluations a step). What it needs, and the error it gives otherwise:
@@ -65,13 +65,13 @@ def _check(model, optimizer, example):
 
 class CapturedStep:
     """A captured training step; call it with a batch of the captured shape and dtype to run
-    one step. Returns the step's loss as a tensor that the next call overwrites (clone it to
-    keep it)."""
+    one step. Returns the step's loss and the parameters' global gradient norm (before
+    clipping) as tensors that the next call overwrites (clone them to keep them)."""
 
-    def __init__(self, graph, static_input, static_loss, model):
+    def __init__(self, graph, static_input, static_outputs, model):
         self.graph = graph
         self.static_input = static_input
-        self.static_loss = static_loss
+        self.static_outputs = static_outputs
         self.model = model
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
@@ -84,7 +84,7 @@ class CapturedStep:
             )
         self.static_input.copy_(batch, non_blocking=True)
         self.graph.replay()
-        return self.static_loss
+        return self.static_outputs
 
 
 def _snapshot(model, optimizer):
@@ -133,10 +133,10 @@ def capture_training_step(
     def step():
         loss = loss_fn(model, static_input)
         loss.backward()
-        if clip_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, clip_grad_norm, foreach=True)
+        limit = float("inf") if clip_grad_norm is None else clip_grad_norm
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, limit, foreach=True)
         optimizer.step()
-        return loss
+        return loss, grad_norm
 
     snapshot = _snapshot(model, optimizer)
     side = torch.cuda.Stream(device=example_batch.device)
@@ -155,7 +155,7 @@ def capture_training_step(
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph):
-                static_loss = step()
+                static_outputs = step()
         except RuntimeError as exc:
             raise RuntimeError(
                 f"the training step could not be captured in a CUDA graph ({exc}). Something in "
@@ -166,4 +166,4 @@ def capture_training_step(
     finally:
         if check_inputs is not None:
             model.check_inputs = check_inputs
-    return CapturedStep(graph, static_input, static_loss, model)
+    return CapturedStep(graph, static_input, static_outputs, model)

@@ -57,10 +57,11 @@ def test_replays_train_like_eager_steps(seed):
         opt_e.zero_grad()
         loss_e = _loss(eager, x)
         loss_e.backward()
-        torch.nn.utils.clip_grad_norm_(eager.parameters(), 1.0)
+        norm_e = torch.nn.utils.clip_grad_norm_(eager.parameters(), 1.0)
         opt_e.step()
-        loss_g = step(x).clone()
+        loss_g, norm_g = (t.clone() for t in step(x))
         torch.testing.assert_close(loss_g, loss_e.detach(), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(norm_g, norm_e, rtol=1e-4, atol=1e-5)
     for p_e, p_g in zip(eager.parameters(), graphed.parameters()):
         torch.testing.assert_close(p_g, p_e, rtol=1e-4, atol=1e-5)
     assert graphed.check_inputs  # restored after the capture

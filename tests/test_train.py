@@ -360,3 +360,17 @@ def test_resume_a_run_written_by_version_0_1(finished_run):
     assert main(["train", "--out", str(finished_run), "--resume", "--steps", "3", "--quiet"]) == 0
     config = json.loads((finished_run / "config.json").read_text())
     assert config["n_layers"] == [1] and config["lr_schedule"] == "constant" and config["dtype"] == "float32"
+
+
+def test_cuda_graphs_are_refused_before_anything_is_written(tmp_path):
+    """--cuda-graphs needs a CUDA device: on the CPU the run stops with a one-line error and
+    leaves no folder behind."""
+    out = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "rgflow_fast", "train", "--device", "cpu", "--cuda-graphs", "--steps", "1",
+         "--out", str(out)],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "--cuda-graphs captures the training step on a CUDA device" in result.stderr
+    assert not out.exists()

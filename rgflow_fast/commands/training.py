@@ -19,7 +19,7 @@ def _train(args) -> int:
         raise RunError(f"--workers must be >= 0; got {args.workers}")
     flags = {f.name: getattr(args, f.name) for f in fields(RunConfig) if hasattr(args, f.name)}
     options = RunOptions(device=args.device, backend=args.backend, compile=args.compile, amp=args.amp,
-                         workers=args.workers, quiet=args.quiet)
+                         workers=args.workers, quiet=args.quiet, cuda_graphs=args.cuda_graphs)
     train(flags, out=args.out, resume=args.resume, options=options)
     return 0
 
@@ -116,6 +116,8 @@ def _add_train(sub) -> None:
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--workers", type=int, default=4, help="data-loading processes for file datasets (default 4)")
     g.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
+    g.add_argument("--cuda-graphs", action="store_true",
+                   help="replay each training step as one captured CUDA graph (one CUDA device, one process)")
     p.set_defaults(func=guard(_train, "train"))
 
 

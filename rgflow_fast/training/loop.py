@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .. import backends
+from ..cuda_graphs import capture_training_step
 from ..data import UInt8Images, dataset_info, load_dataset, require_torchvision
 from ..model import RGFlow
 from ..transforms import bits_per_dim, preprocess
@@ -39,6 +40,7 @@ class RunOptions:
     amp: bool = False  # bf16 autocast, CUDA only
     workers: int = 4  # data-loading processes for file datasets
     quiet: bool = False  # no progress or summary lines (the banner stays)
+    cuda_graphs: bool = False  # replay the model's step as a captured CUDA graph
 
 
 def sample_temperature(values, model: RGFlow, flag: str):
@@ -120,6 +122,7 @@ class _Run:
     net: torch.nn.Module = None
     history: list = field(default_factory=list)
     time_before: float = 0.0  # training seconds of the sessions before this one
+    captured: object = None  # the CUDA-graph step, captured at the first step (--cuda-graphs)
 
     @property
     def dtype(self):
@@ -169,6 +172,7 @@ def _open(flags: dict, out, resume, options: RunOptions, world: World) -> _Run:
     require_torchvision()  # for the sample grids: fail now, not at the first checkpoint
     if options.amp and device.type != "cuda":
         raise RunError("--amp trains in bf16 autocast on a CUDA device; this run is on the CPU: drop --amp")
+    _check_cuda_graphs(options, device, world)
     ckpt, folder = _resume_source(resume, out, world)
     payload = folder.read_state(ckpt, device)[1] if ckpt else None
     cfg = resolve(flags, RunConfig.from_dict(_flat(payload["train"])) if payload else None, world.size)
@@ -187,8 +191,11 @@ def _open(flags: dict, out, resume, options: RunOptions, world: World) -> _Run:
     total = cfg.steps if cfg.steps is not None else cfg.epochs * steps_per_epoch
     model = _build_model(cfg, info.channels, info.image_size, device)
     # fused: one kernel for all parameters rather than a Python loop over thousands of tensors
-    # (about 100 ms a step on the CPU for the 3,136 tensors of a 4-layer, 4-block model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    # (about 100 ms a step on the CPU for the 3,136 tensors of a 4-layer, 4-block model).
+    # A captured step keeps its step count and learning rate on the device.
+    lr = torch.tensor(cfg.lr, device=device) if options.cuda_graphs else cfg.lr
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay, fused=True,
+                                  capturable=options.cuda_graphs)
     start = _restore(model, optimizer, payload, ckpt, total, folder) if payload else 0
     if folder is None:
         folder = RunFolder(world.broadcast(f"runs/{cfg.dataset}-{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"))
@@ -257,31 +264,79 @@ def _train_batches(run: _Run):
                 return
 
 
-def _step(run: _Run, step: int, x: torch.Tensor) -> tuple[float, float]:
-    """One optimizer step on uint8 batch ``x``; returns the (all-process mean) loss in nats
-    per dimension and the gradient norm. Stops before the update if either is not finite."""
-    device, model = run.world.device, run.model
+def _check_cuda_graphs(options: RunOptions, device, world: World) -> None:
+    if not options.cuda_graphs:
+        return
+    if device.type != "cuda":
+        raise RunError(f"--cuda-graphs captures the training step on a CUDA device; this run is on {device}: "
+                       f"drop --cuda-graphs or pass --device cuda")
+    if world.size > 1:
+        raise RunError("--cuda-graphs runs in one process; drop it for a multi-process (torchrun) run")
+    if options.compile:
+        raise RunError("--cuda-graphs and --compile both take over the step; choose one")
+
+
+def _batch(run: _Run, step: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Uint8 batch ``x`` of step ``step`` -> logit-space images and their transform's log-det
+    (dequantisation noise and flips drawn from the step's own generator)."""
+    device = run.world.device
     x = _to_unit(x, device, run.dtype)
     g = step_generator(device, run.cfg.seed, step, run.world.rank)
     if run.flip:
         flip = torch.rand(x.shape[0], generator=g, device=device) < 0.5
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-    y, ldj_data = preprocess(x, generator=g)
+    return preprocess(x, generator=g)
+
+
+def _model_loss(run: _Run, y: torch.Tensor) -> torch.Tensor:
+    """``-mean log p(y) / dims``: the loss less the data transform's log-det (a constant)."""
     with torch.autocast("cuda", dtype=torch.bfloat16) if run.options.amp else nullcontext():
         z, ldj = run.net(y)
-    log_prob = ldj.to(y.dtype) + model.prior.log_prob(z.to(y.dtype))
-    loss = (-(log_prob + ldj_data) / model.num_dims).mean()  # nats per dimension
+    log_prob = ldj.to(y.dtype) + run.model.prior.log_prob(z.to(y.dtype))
+    return (-log_prob / run.model.num_dims).mean()
+
+
+def _non_finite(run: _Run, step: int, loss_value: float, norm_value: float, updated: bool) -> NonFiniteLoss:
+    where = (f"the last good checkpoint is {run.last_ckpt}; resume from it with --resume (perhaps with a lower "
+             "--lr)" if run.last_ckpt else "no checkpoint was written yet")
+    when = ("after the captured step had updated the weights in memory (nothing was saved)" if updated
+            else "before updating the weights")
+    return NonFiniteLoss(f"the loss is {loss_value} (gradient norm {norm_value}) at step {step + 1}; stopped "
+                         f"{when}: {where}")
+
+
+def _set_lr(run: _Run, step: int) -> None:
+    lr = run.cfg.lr_at(step, run.total)
+    for group in run.optimizer.param_groups:
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(lr)  # in place: a captured step reads this very tensor
+        else:
+            group["lr"] = lr
+
+
+def _step(run: _Run, step: int, x: torch.Tensor) -> tuple[float, float]:
+    """One optimizer step on uint8 batch ``x``; returns the (all-process mean) loss in nats
+    per dimension and the gradient norm. Stops before the update if either is not finite
+    (with ``--cuda-graphs``, right after it: the update is part of the captured step)."""
+    y, ldj_data = _batch(run, step, x)
+    data_term = (ldj_data / run.model.num_dims).mean()
+    _set_lr(run, step)
+    if run.options.cuda_graphs:
+        if run.captured is None:
+            run.captured = capture_training_step(run.model, run.optimizer, y, lambda _, v: _model_loss(run, v),
+                                                 clip_grad_norm=run.cfg.clip_grad or None)
+        model_loss, grad_norm = run.captured(y)
+        loss_value, norm_value = torch.stack([(model_loss - data_term).double(), grad_norm.double()]).tolist()
+        if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+            raise _non_finite(run, step, loss_value, norm_value, updated=True)
+        return loss_value, norm_value
+    loss = _model_loss(run, y) - data_term  # nats per dimension
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), run.cfg.clip_grad or math.inf)
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.clip_grad or math.inf)
     loss_value, norm_value = run.world.all_mean(torch.stack([loss.detach().double(), grad_norm.double()])).tolist()
     if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
-        where = (f"the last good checkpoint is {run.last_ckpt}; resume from it with --resume (perhaps with a lower "
-                 "--lr)" if run.last_ckpt else "no checkpoint was written yet")
-        raise NonFiniteLoss(f"the loss is {loss_value} (gradient norm {norm_value}) at step {step + 1}; stopped "
-                            f"before updating the weights: {where}")
-    for group in run.optimizer.param_groups:
-        group["lr"] = run.cfg.lr_at(step, run.total)
+        raise _non_finite(run, step, loss_value, norm_value, updated=False)
     run.optimizer.step()
     return loss_value, norm_value
 
