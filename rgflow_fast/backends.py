@@ -115,11 +115,11 @@ def available_backends() -> list[str]:
     return [name for name in BACKENDS if _load(name)[0] is not None]
 
 
-@contextlib.contextmanager
 def use_backend(name: str):
     """Context manager: run RG ops inside it on backend ``name`` (or ``"auto"``).
 
-    Raises at entry if the backend cannot load here, saying why.
+    Raises when called (not only when entered) if the name is unknown or the backend cannot
+    load here, saying why.
     """
     _check_name(name, "use_backend")
     if name != "auto":
@@ -129,6 +129,11 @@ def use_backend(name: str):
                 f"backend {name!r} is not available: {reason}. Available: "
                 f"{available_backends()} (or 'auto')."
             )
+    return _requesting(name)
+
+
+@contextlib.contextmanager
+def _requesting(name: str):
     token = _requested.set(name)
     try:
         yield name

@@ -229,6 +229,8 @@ class RGFlow(nn.Module):
     def forward(self, x):
         """``x (B, C, L, L) -> (z, ldj (B,))``, data to latent."""
         self._check(x, "x")
+        if x.shape[0] == 0:  # nothing to transform (the ops' per-image reductions need an image)
+            return x.clone(), x.new_zeros(0)
         if self.memory_efficient and torch.is_grad_enabled():
             return invertible_forward(self.blocks, x)
         ldj = x.new_zeros(x.shape[0])
@@ -240,6 +242,8 @@ class RGFlow(nn.Module):
     def inverse(self, z):
         """``z (B, C, L, L) -> (x, inv_ldj (B,))``, latent to data; ``inv_ldj = -ldj``."""
         self._check(z, "z")
+        if z.shape[0] == 0:
+            return z.clone(), z.new_zeros(0)
         inv_ldj = z.new_zeros(z.shape[0])
         for block in reversed(self.blocks):
             z, block_ldj = block.inverse(z)

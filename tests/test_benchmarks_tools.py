@@ -65,7 +65,7 @@ def test_op_bytes_rejects_unknown_op_and_bad_geometry():
 
 def test_paper_forward_flops_match_design_count():
     # 1,252 patch-layer evaluations per image, each 4 MLP passes (2 steps x s,t nets) of
-    # 4 residual blocks 48 -> 512 -> 512 -> 48 (DESIGN.md §6: 12.5 GFLOP per image)
+    # 4 residual blocks 48 -> 512 -> 512 -> 48 (the paper config: 12.5 GFLOP per image)
     per_block = 2 * (48 * 512 + 512 * 512 + 512 * 48)
     assert floors.model_forward_flops(PAPER, 1) == 1252 * 4 * 4 * per_block
     assert floors.model_flops("train_step", PAPER, 64) == 3 * 64 * 1252 * 4 * 4 * per_block

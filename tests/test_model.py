@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import rgflow_fast as rf
-from conftest import randomize_
+from conftest import FAST_BACKENDS, randomize_
 
 
 @pytest.fixture(autouse=True)
@@ -64,7 +64,7 @@ def test_default_config_is_the_paper_celeba_config():
     assert model.config["n_layers"] == [8, 6, 4, 2]
     assert model.config["n_res_blocks"] == [4] * 4 and model.config["hidden"] == [512] * 4
     assert len(model.blocks) == 8
-    # DESIGN.md: 100.6 M parameters
+    # the paper's CelebA-32 model: 100.6 M parameters
     assert round(model.num_parameters() / 1e6, 1) == 100.6
 
 
@@ -143,3 +143,16 @@ def test_gradients_reach_every_parameter(seed):
     model.log_prob(x).sum().backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not missing
+
+
+@pytest.mark.parametrize("backend", ["torch"] + FAST_BACKENDS)
+def test_empty_batch_gives_empty_outputs(backend):
+    model = rf.RGFlow(8, 2, n_layers=1, n_res_blocks=1, n_mlp=1, hidden=4)
+    empty = torch.zeros(0, 2, 8, 8)
+    with rf.use_backend(backend):
+        z, ldj = model(empty)
+        x, inv_ldj = model.inverse(empty)
+        samples = model.sample(0)
+        log_p = model.log_prob(empty)
+    assert z.shape == x.shape == samples.shape == (0, 2, 8, 8)
+    assert ldj.shape == inv_ldj.shape == log_p.shape == (0,)

@@ -119,8 +119,7 @@ def test_op_errors():
 
 def test_backend_selection_errors(monkeypatch):
     with pytest.raises(ValueError, match="unknown backend 'tpu'"):
-        with rf.use_backend("tpu"):
-            pass
+        rf.use_backend("tpu")  # when called, not only when entered
     monkeypatch.setenv("RGFLOW_FAST_BACKEND", "nonsense")
     with rf.use_backend("torch"):  # an explicit choice wins over the environment
         assert rf.current_backend() == "torch"
