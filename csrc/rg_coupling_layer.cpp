@@ -18,8 +18,8 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <torch/autograd.h>
 #include <ATen/native/CPUBlas.h>
+#include <torch/autograd.h>
 #include <torch/library.h>
 
 #include "rg_coupling.h"
@@ -27,6 +27,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -595,7 +596,8 @@ std::tuple<Tensor, std::vector<Tensor>> layer_backward(const Tensor& u_in, const
     const GradLayout gl(p);
     const int64_t tile = kTileRows, tiles = (s.N + tile - 1) / tile;
     const int64_t chunks = std::min(tiles, kMaxChunks);
-    std::vector<T> partial(chunks * gl.size, T(0));
+    // each chunk zeroes its own buffer in the parallel region
+    std::unique_ptr<T[]> partial(new T[chunks * gl.size]);
     std::vector<T> row_gl(s.N);
     const Tensor gldj = grad_ldj.contiguous();
     for (int64_t r = 0; r < s.N; ++r) row_gl[r] = gldj.data_ptr<T>()[r / s.P];
@@ -608,6 +610,7 @@ std::tuple<Tensor, std::vector<Tensor>> layer_backward(const Tensor& u_in, const
       std::vector<T> scratch(stored ? 0 : tile * p.L.row_width);
       std::vector<T> y_unused(stored ? 0 : tile * s.D), ldj_unused(stored ? 0 : tile * 2);
       for (int64_t c = c0; c < c1; ++c) {
+        std::fill_n(partial.get() + c * gl.size, gl.size, T(0));
         for (int64_t t = c * tiles / chunks; t < (c + 1) * tiles / chunks; ++t) {
           const int64_t r0 = t * tile, rows = std::min(tile, s.N - r0);
           Record<T> rec{acts_ptr, s.N, r0, &p.L};
@@ -616,13 +619,19 @@ std::tuple<Tensor, std::vector<Tensor>> layer_backward(const Tensor& u_in, const
             run_tile_forward(p, rec, rows, u_ptr + r0 * s.D, y_unused.data(), ldj_unused.data(), work.data());
           }
           run_tile_backward(p, gl, rec, rows, gy_ptr + r0 * s.D, row_gl.data() + r0, gu_ptr + r0 * s.D,
-                        partial.data() + c * gl.size, work.data());
+                        partial.get() + c * gl.size, work.data());
         }
       }
     });
-    std::vector<T> total(gl.size, T(0));
-    for (int64_t c = 0; c < chunks; ++c)
-      for (int64_t i = 0; i < gl.size; ++i) total[i] += partial[c * gl.size + i];
+    // over chunks in order, element by element: the same sums whatever splits the elements
+    std::vector<T> total(gl.size);
+    at::parallel_for(0, gl.size, 16384, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        T sum = 0;
+        for (int64_t c = 0; c < chunks; ++c) sum += partial[c * gl.size + i];
+        total[i] = sum;
+      }
+    });
     // back from W to the weight-norm parameters: with n = ‖V_o‖ and V̂ = V_o / n,
     // dg_o = Σ_j dW_oj V̂_oj and dV_o = (g_o / n)(dW_o − dg_o V̂_o)
     const int64_t per_net = static_cast<int64_t>(params.size()) / 2;

@@ -80,7 +80,7 @@ class Prior(nn.Module):
             out = -z.abs() / b - torch.log(2 * b)
         else:
             out = -0.5 * (z / b) ** 2 - torch.log(b) - 0.5 * math.log(2 * math.pi)
-        return out.reshape(z.shape[0], -1).sum(dim=1)
+        return out.flatten(1).sum(dim=1)
 
     def sample(self, n: int, temperature=None, generator=None) -> torch.Tensor:
         """``n`` latents ``(n, C, L, L)`` in the dtype and device of the ``scale`` buffer."""
