@@ -93,49 +93,53 @@ bool use_brgemm() {
 #endif
 }
 
+// Whether float products run on the micro-kernel, and the product itself: row-major
+// C (M×N, ldc) [+]= A (M×K, lda) · B (K×N, ldb).
+template <typename T>
+bool micro_kernel_runs() {
+#ifdef CPUBLAS_BRGEMM_F32F32F32
+  return std::is_same_v<T, float> && use_brgemm();
+#else
+  return false;
+#endif
+}
+template <typename T>
+void micro_kernel(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
+                  int64_t ldc, bool add) {
+#ifdef CPUBLAS_BRGEMM_F32F32F32
+  if constexpr (std::is_same_v<T, float>) at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, add, A, B, C, false);
+#endif
+}
+
 // Row-major products on a tile (BLAS is column-major: a row-major M is its column-major
 // transpose). W (out×in) and Wt = Wᵀ (in×out) are contiguous.
 // C (rows×out, ldc) = A (rows×in, lda) · Wᵀ.
 template <typename T>
 void mm_a_wt(int64_t rows, int64_t out, int64_t in, const T* A, int64_t lda, const T* W, const T* Wt, T* C,
              int64_t ldc) {
-#ifdef CPUBLAS_BRGEMM_F32F32F32
-  if constexpr (std::is_same_v<T, float>) {
-    if (use_brgemm()) return at::native::cpublas::brgemm(rows, out, in, lda, out, ldc, false, A, Wt, C, false);
-  }
-#endif
+  if (micro_kernel_runs<T>()) return micro_kernel(rows, out, in, A, lda, Wt, out, C, ldc, false);
   gemm<T>('t', 'n', out, rows, in, T(1), W, in, A, lda, T(0), C, ldc);
 }
 // C (rows×in, ldc) = G (rows×out, ldg) · W.
 template <typename T>
 void mm_g_w(int64_t rows, int64_t out, int64_t in, const T* G, int64_t ldg, const T* W, T* C, int64_t ldc) {
-#ifdef CPUBLAS_BRGEMM_F32F32F32
-  if constexpr (std::is_same_v<T, float>) {
-    if (use_brgemm()) return at::native::cpublas::brgemm(rows, in, out, ldg, in, ldc, false, G, W, C, false);
-  }
-#endif
+  if (micro_kernel_runs<T>()) return micro_kernel(rows, in, out, G, ldg, W, in, C, ldc, false);
   gemm<T>('n', 'n', in, rows, out, T(1), W, in, G, ldg, T(0), C, ldc);
 }
 // dW (out×in) += Gᵀ (out×rows) · A (rows×in); `scratch` holds out·rows values.
 template <typename T>
 void mm_gt_a_acc(int64_t rows, int64_t out, int64_t in, const T* G, int64_t ldg, const T* A, int64_t lda, T* dW,
                  T* scratch) {
-#ifdef CPUBLAS_BRGEMM_F32F32F32
-  if constexpr (std::is_same_v<T, float>) {
-    if (use_brgemm()) {
-      // 16 × 16 blocks, so that reads and writes both stay within a few cache lines
-      for (int64_t r0 = 0; r0 < rows; r0 += 16)
-        for (int64_t o0 = 0; o0 < out; o0 += 16) {
-          const int64_t r1 = std::min(rows, r0 + 16), o1 = std::min(out, o0 + 16);
-          for (int64_t o = o0; o < o1; ++o)
+  if (!micro_kernel_runs<T>()) return gemm<T>('n', 't', in, out, rows, T(1), A, lda, G, ldg, T(1), dW, in);
+  // the micro-kernel reads Gᵀ row-major: 16 × 16 blocks keep reads and writes in a few lines
+  for (int64_t r0 = 0; r0 < rows; r0 += 16)
+    for (int64_t o0 = 0; o0 < out; o0 += 16) {
+      const int64_t r1 = std::min(rows, r0 + 16), o1 = std::min(out, o0 + 16);
+      for (int64_t o = o0; o < o1; ++o)
 #pragma omp simd
-            for (int64_t r = r0; r < r1; ++r) scratch[o * rows + r] = G[r * ldg + o];
-        }
-      return at::native::cpublas::brgemm(out, in, rows, rows, lda, in, true, scratch, A, dW, false);
+        for (int64_t r = r0; r < r1; ++r) scratch[o * rows + r] = G[r * ldg + o];
     }
-  }
-#endif
-  gemm<T>('n', 't', in, out, rows, T(1), A, lda, G, ldg, T(1), dW, in);
+  micro_kernel(out, in, rows, scratch, rows, A, lda, dW, in, true);
 }
 
 // sigmoid on rg_coupling.h's exp, which vectorises in float
