@@ -99,6 +99,11 @@ class World:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def barrier(self) -> None:
+        """Wait for every process (rank 0 writes the last checkpoint while the others are done)."""
+        if self.size > 1:
+            dist.barrier()
+
     def close(self):
         if self.size > 1 and dist.is_initialized():
             dist.destroy_process_group()

@@ -419,6 +419,9 @@ def train(flags: dict, out=None, resume=None, options: RunOptions = RunOptions()
         run = _open(flags, out, resume, options, world)
         _start_writing(run)
         _fit(run)
+        # the processes leave together: a gloo process whose peer tore down its connections
+        # while it was still in the last collectives' teardown aborts
+        world.barrier()
         return run.folder.path
     finally:
         world.close()
