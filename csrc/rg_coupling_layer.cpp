@@ -369,9 +369,9 @@ void tile_backward(const Problem<T>& p, const GradLayout& gl_layout, const Recor
       for (int64_t r = L.n_res - 1; r >= 0; --r) {
         const int64_t l0 = r * (L.n_mlp + 1);
         const T* z = rec(L.z(st, n, r));
-        for (int64_t i = 0; i < rows * D; ++i) gz[i] *= inv_sqrt2;
         // DP: grad of linear i's output, walking i = n_mlp … 0 (F's output is linear n_mlp's)
-        std::copy(gz, gz + rows * D, DP);
+#pragma omp simd
+        for (int64_t i = 0; i < rows * D; ++i) DP[i] = gz[i] *= inv_sqrt2;
         for (int64_t i = L.n_mlp; i >= 0; --i) {
           const int64_t w_in = p.in_width(i), w_out = p.out_width(i), l = l0 + i;
           const T* pre = i == 0 ? z : rec(L.h(st, n, r, i));

@@ -33,6 +33,7 @@ from __future__ import annotations
 import torch
 
 from . import backends
+from .nets import net_layout
 from .reference import rg_coupling_layer as reference_layer
 
 __all__ = [
@@ -48,19 +49,6 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # The math of the nets' products in a fused GPU layer: exact float32, TF32 tensor cores,
 # bfloat16 operands with float32 accumulation. Backends without such modes compute exactly.
 PRECISIONS = ("fp32", "tf32", "bf16")
-
-
-def net_layout(num_params: int, n_mlp: int) -> int:
-    """``n_res_blocks`` of a layer whose flat ``params`` list has ``num_params`` tensors."""
-    per_block = 4 * (n_mlp + 1)
-    per_net, odd = divmod(num_params, 2)
-    n_res, rest = divmod(per_net - 1, per_block)
-    if odd or per_net < 1 or rest:
-        raise ValueError(
-            f"params must hold 2·(4·n_res_blocks·(n_mlp + 1) + 1) tensors (the S net's, then the "
-            f"T net's, as ResidualMLP.op_parameters lists them); got {num_params} for n_mlp={n_mlp}"
-        )
-    return n_res
 
 
 def check_layer_inputs(u, ldj, params, n_mlp) -> int:

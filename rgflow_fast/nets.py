@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Swish", "WNLinear", "Scale", "ResidualMLP"]
+__all__ = ["Swish", "WNLinear", "Scale", "ResidualMLP", "net_layout"]
 
 
 class Swish(nn.Module):
@@ -93,3 +93,17 @@ class ResidualMLP(nn.Module):
             for swish, linear in zip(block[0::2], block[1::2]):
                 flat += [swish.scale, linear.weight_v, linear.weight_g, linear.bias]
         return flat + [self.scale.scale]
+
+
+def net_layout(num_params: int, n_mlp: int) -> int:
+    """``n_res_blocks`` of a coupling layer whose flat ``params`` list (both nets'
+    :meth:`ResidualMLP.op_parameters`, S then T) has ``num_params`` tensors."""
+    per_block = 4 * (n_mlp + 1)
+    per_net, odd = divmod(num_params, 2)
+    n_res, rest = divmod(per_net - 1, per_block)
+    if odd or per_net < 1 or rest:
+        raise ValueError(
+            f"params must hold 2·(4·n_res_blocks·(n_mlp + 1) + 1) tensors (the S net's, then the "
+            f"T net's, as ResidualMLP.op_parameters lists them); got {num_params} for n_mlp={n_mlp}"
+        )
+    return n_res

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .geometry import checkerboard, patch_indices
+from .nets import net_layout
 
 __all__ = [
     "rg_gather",
@@ -109,7 +110,7 @@ def rg_coupling_layer(u, ldj, params, n_mlp, inverse, recompute, precision="fp32
     ``precision`` are accepted for the common signature (autograd stores what it needs; the
     reference computes in ``u``'s dtype)."""
     per_net = len(params) // 2
-    n_res = (per_net - 1) // (4 * (n_mlp + 1))
+    n_res = net_layout(len(params), n_mlp)
     s_params, t_params = params[:per_net], params[per_net:]
     k = u.shape[-1]
     couple = coupling_inverse_on_patches if inverse else coupling_on_patches

@@ -69,3 +69,14 @@ def assert_training_lowers_loss(loss_fn, module, channels, size, steps=4):
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0], losses
+
+
+@pytest.fixture
+def reference_one_thread():
+    """The reference backend on one thread: the models of these tests are tiny, so one
+    thread is faster than two, and stays fast while other processes share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with rf.use_backend("torch"):
+        yield
+    torch.set_num_threads(threads)

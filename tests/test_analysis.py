@@ -29,15 +29,7 @@ from rgflow_fast.analysis import (
 from rgflow_fast.transforms import inverse_logit_transform, logit_transform
 
 
-@pytest.fixture(autouse=True)
-def _reference_one_thread():
-    # The models here are tiny: one thread is faster than two, and stays fast while other
-    # processes share the cores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with rf.use_backend("torch"):
-        yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("reference_one_thread")
 
 
 def small_model(L=8, C=2, k=4, dtype=torch.float64, **kw):

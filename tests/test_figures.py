@@ -17,13 +17,7 @@ from conftest import randomize_  # noqa: E402
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(autouse=True)
-def _reference_one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with rf.use_backend("torch"):
-        yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("reference_one_thread")
 
 
 @pytest.fixture
