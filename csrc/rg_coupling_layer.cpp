@@ -24,10 +24,16 @@
 
 #include "rg_coupling.h"
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <memory>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -75,8 +81,8 @@ void gemm(char ta, char tb, int m, int n, int k, T alpha, const T* a, int lda, c
 // oneDNN's batch-reduce GEMM micro-kernel, which torch exports for float on x86 (row-major,
 // C (M×N) [+]= A (M×K) · B (K×N)). It uses the CPU's widest vector units whoever made the
 // CPU, where MKL runs generic code on some: 2.2× MKL's sgemm on the tiles of this op on an
-// AMD EPYC. Probed once; BLAS where it is missing or refuses the CPU.
-bool use_brgemm() {
+// AMD EPYC with AVX-512. Probed once.
+bool brgemm_usable() {
 #ifdef CPUBLAS_BRGEMM_F32F32F32
   static const bool usable = [] {
     try {
@@ -93,53 +99,212 @@ bool use_brgemm() {
 #endif
 }
 
-// Whether float products run on the micro-kernel, and the product itself: row-major
-// C (M×N, ldc) [+]= A (M×K, lda) · B (K×N, ldb).
-template <typename T>
-bool micro_kernel_runs() {
-#ifdef CPUBLAS_BRGEMM_F32F32F32
-  return std::is_same_v<T, float> && use_brgemm();
+#if defined(__x86_64__) && defined(__GNUC__)
+#define RGF_AVX2_KERNEL 1
+#endif
+
+// What runs the float products of a call (double always runs on BLAS):
+//   avx2    this file's AVX2/FMA register-blocked kernel (below)
+//   onednn  oneDNN's micro-kernel
+//   blas    torch's BLAS
+// "auto": oneDNN where the CPU has AVX-512 (its AVX-512 code beats a 256-bit kernel), else
+// avx2 where the CPU has AVX2 and FMA (on an AVX2-only AMD EPYC oneDNN's micro-kernel reached
+// 70–95 GFLOP/s on these tiles from run to run, this kernel 95–100), else oneDNN, else BLAS.
+// The environment variable RGFLOW_FAST_CPU_PRODUCTS overrides the choice per call.
+enum class Products { kAvx2, kOneDnn, kBlas };
+
+bool cpu_has_avx2_fma() {
+#ifdef RGF_AVX2_KERNEL
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 #else
   return false;
 #endif
 }
-template <typename T>
-void micro_kernel(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
-                  int64_t ldc, bool add) {
-#ifdef CPUBLAS_BRGEMM_F32F32F32
-  if constexpr (std::is_same_v<T, float>) at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, add, A, B, C, false);
+
+Products auto_products() {
+  static const Products chosen = [] {
+#ifdef RGF_AVX2_KERNEL
+    const bool avx512 = __builtin_cpu_supports("avx512f");
+#else
+    const bool avx512 = false;
 #endif
+    if (avx512 && brgemm_usable()) return Products::kOneDnn;
+    if (cpu_has_avx2_fma()) return Products::kAvx2;
+    return brgemm_usable() ? Products::kOneDnn : Products::kBlas;
+  }();
+  return chosen;
 }
 
-// Row-major products on a tile (BLAS is column-major: a row-major M is its column-major
-// transpose). W (out×in) and Wt = Wᵀ (in×out) are contiguous.
-// C (rows×out, ldc) = A (rows×in, lda) · Wᵀ.
-template <typename T>
-void mm_a_wt(int64_t rows, int64_t out, int64_t in, const T* A, int64_t lda, const T* W, const T* Wt, T* C,
-             int64_t ldc) {
-  if (micro_kernel_runs<T>()) return micro_kernel(rows, out, in, A, lda, Wt, out, C, ldc, false);
-  gemm<T>('t', 'n', out, rows, in, T(1), W, in, A, lda, T(0), C, ldc);
+const char* products_name(Products how) {
+  return how == Products::kAvx2 ? "avx2" : how == Products::kOneDnn ? "onednn" : "blas";
 }
-// C (rows×in, ldc) = G (rows×out, ldg) · W.
-template <typename T>
-void mm_g_w(int64_t rows, int64_t out, int64_t in, const T* G, int64_t ldg, const T* W, T* C, int64_t ldc) {
-  if (micro_kernel_runs<T>()) return micro_kernel(rows, in, out, G, ldg, W, in, C, ldc, false);
-  gemm<T>('n', 'n', in, rows, out, T(1), W, in, G, ldg, T(0), C, ldc);
+
+// The float product kernels this machine runs, the one "auto" picks first.
+std::vector<std::string> cpu_products() {
+  std::vector<std::string> names{products_name(auto_products())};
+  for (Products how : {Products::kAvx2, Products::kOneDnn, Products::kBlas}) {
+    const bool runs = how == Products::kAvx2 ? cpu_has_avx2_fma()
+                      : how == Products::kOneDnn ? brgemm_usable()
+                                                 : blas_gemm<float>() != nullptr;
+    if (runs && how != auto_products()) names.push_back(products_name(how));
+  }
+  return names;
 }
-// dW (out×in) += Gᵀ (out×rows) · A (rows×in); `scratch` holds out·rows values.
-template <typename T>
-void mm_gt_a_acc(int64_t rows, int64_t out, int64_t in, const T* G, int64_t ldg, const T* A, int64_t lda, T* dW,
-                 T* scratch) {
-  if (!micro_kernel_runs<T>()) return gemm<T>('n', 't', in, out, rows, T(1), A, lda, G, ldg, T(1), dW, in);
-  // the micro-kernel reads Gᵀ row-major: 16 × 16 blocks keep reads and writes in a few lines
-  for (int64_t r0 = 0; r0 < rows; r0 += 16)
-    for (int64_t o0 = 0; o0 < out; o0 += 16) {
-      const int64_t r1 = std::min(rows, r0 + 16), o1 = std::min(out, o0 + 16);
-      for (int64_t o = o0; o < o1; ++o)
-#pragma omp simd
-        for (int64_t r = r0; r < r1; ++r) scratch[o * rows + r] = G[r * ldg + o];
+
+Products float_products() {
+  const char* env = std::getenv("RGFLOW_FAST_CPU_PRODUCTS");
+  const std::string want = env ? env : "auto";
+  if (want == "auto") return auto_products();
+  if (want == "avx2") {
+    TORCH_CHECK(cpu_has_avx2_fma(), "RGFLOW_FAST_CPU_PRODUCTS=avx2: this CPU has no AVX2/FMA; unset it or use 'auto'");
+    return Products::kAvx2;
+  }
+  if (want == "onednn") {
+    TORCH_CHECK(brgemm_usable(),
+                "RGFLOW_FAST_CPU_PRODUCTS=onednn: this torch or CPU has no usable oneDNN micro-kernel; unset it or "
+                "use 'auto'");
+    return Products::kOneDnn;
+  }
+  TORCH_CHECK(want == "blas", "RGFLOW_FAST_CPU_PRODUCTS must be 'auto', 'avx2', 'onednn' or 'blas'; got '", want, "'");
+  return Products::kBlas;
+}
+
+#ifdef RGF_AVX2_KERNEL
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+// One register block of the AVX2 kernel: C (MR × 8·NV) [+]= A' (MR × K) · B (K × 8·NV), with
+// A'(i, k) = A[i·ars + k·acs]; the last 8 columns masked when Masked (a panel's ragged end).
+// 6 × 16 keeps 12 accumulators, 2 rows of B and a broadcast in the 16 ymm registers.
+template <int MR, int NV, bool Masked>
+inline __attribute__((always_inline)) void avx2_block(int64_t K, const float* A, int64_t ars, int64_t acs,
+                                                      const float* B, int64_t ldb, float* C, int64_t ldc, bool add,
+                                                      __m256i mask, const float* prefetch) {
+  __m256 acc[MR][NV];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) {
+      const bool ragged = Masked && v == NV - 1;
+      acc[i][v] = !add ? _mm256_setzero_ps()
+                       : ragged ? _mm256_maskload_ps(C + i * ldc + 8 * v, mask) : _mm256_loadu_ps(C + i * ldc + 8 * v);
     }
-  micro_kernel(out, in, rows, scratch, rows, A, lda, dW, in, true);
+  for (int64_t k = 0; k < K; ++k) {
+    if (prefetch) _mm_prefetch(reinterpret_cast<const char*>(prefetch + k * ldb), _MM_HINT_T0);
+    __m256 b[NV];
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v)
+      b[v] = Masked && v == NV - 1 ? _mm256_maskload_ps(B + k * ldb + 8 * v, mask) : _mm256_loadu_ps(B + k * ldb + 8 * v);
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      const __m256 a = _mm256_broadcast_ss(A + i * ars + k * acs);
+#pragma GCC unroll 2
+      for (int v = 0; v < NV; ++v) acc[i][v] = _mm256_fmadd_ps(a, b[v], acc[i][v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) {
+      if (Masked && v == NV - 1)
+        _mm256_maskstore_ps(C + i * ldc + 8 * v, mask, acc[i][v]);
+      else
+        _mm256_storeu_ps(C + i * ldc + 8 * v, acc[i][v]);
+    }
+}
+
+// One panel of up to 8·NV columns over all M rows: blocks of 6 rows, then the rest.
+template <int NV, bool Masked>
+inline __attribute__((always_inline)) void avx2_panel(int64_t M, int64_t K, const float* A, int64_t ars, int64_t acs,
+                                                      const float* B, int64_t ldb, float* C, int64_t ldc, bool add,
+                                                      __m256i mask, const float* next) {
+  int64_t i = 0;
+  for (; i + 6 <= M; i += 6)
+    avx2_block<6, NV, Masked>(K, A + i * ars, ars, acs, B, ldb, C + i * ldc, ldc, add, mask, i == 0 ? next : nullptr);
+  if (i == 0) next = nullptr;
+  const float* a = A + i * ars;
+  float* c = C + i * ldc;
+  switch (M - i) {
+    case 5: return avx2_block<5, NV, Masked>(K, a, ars, acs, B, ldb, c, ldc, add, mask, next);
+    case 4: return avx2_block<4, NV, Masked>(K, a, ars, acs, B, ldb, c, ldc, add, mask, next);
+    case 3: return avx2_block<3, NV, Masked>(K, a, ars, acs, B, ldb, c, ldc, add, mask, next);
+    case 2: return avx2_block<2, NV, Masked>(K, a, ars, acs, B, ldb, c, ldc, add, mask, next);
+    case 1: return avx2_block<1, NV, Masked>(K, a, ars, acs, B, ldb, c, ldc, add, mask, next);
+    default: return;
+  }
+}
+
+// C (M×N, ldc) [+]= A' (M×K) · B (K×N, ldb), A'(i, k) = A[i·ars + k·acs]: A row-major
+// (ars = lda, acs = 1) or transposed (ars = 1, acs = lda) with no copy. Panels of 16 columns,
+// the ragged last one masked; each panel of B (K × 16) stays in L1 while the rows go by.
+void avx2_product(int64_t M, int64_t N, int64_t K, const float* A, int64_t ars, int64_t acs, const float* B,
+                  int64_t ldb, float* C, int64_t ldc, bool add) {
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  for (int64_t j = 0; j < N; j += 16) {
+    const int64_t nr = std::min<int64_t>(16, N - j);
+    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(nr > 8 ? nr - 8 : nr)), lanes);
+    const float* b = B + j;
+    float* c = C + j;
+    const float* next = j + 16 < N ? b + 16 : nullptr;
+    if (nr == 16)
+      avx2_panel<2, false>(M, K, A, ars, acs, b, ldb, c, ldc, add, mask, next);
+    else if (nr > 8)
+      avx2_panel<2, true>(M, K, A, ars, acs, b, ldb, c, ldc, add, mask, next);
+    else if (nr == 8)
+      avx2_panel<1, false>(M, K, A, ars, acs, b, ldb, c, ldc, add, mask, next);
+    else
+      avx2_panel<1, true>(M, K, A, ars, acs, b, ldb, c, ldc, add, mask, next);
+  }
+}
+#pragma GCC pop_options
+#endif
+
+// Row-major C (M×N, ldc) [+]= A' (M×K) · B (K×N, ldb) with A'(i, k) = A[i·ars + k·acs], on
+// the chosen float kernel; `scratch` (M·K values) holds A' for the kernels that need it
+// row-major. Double, and float on "blas": BLAS (column-major: a row-major matrix is its
+// column-major transpose).
+template <typename T>
+void product(Products how, int64_t M, int64_t N, int64_t K, const T* A, int64_t ars, int64_t acs, const T* B,
+             int64_t ldb, T* C, int64_t ldc, bool add, T* scratch) {
+  if constexpr (std::is_same_v<T, float>) {
+#ifdef RGF_AVX2_KERNEL
+    if (how == Products::kAvx2) return avx2_product(M, N, K, A, ars, acs, B, ldb, C, ldc, add);
+#endif
+#ifdef CPUBLAS_BRGEMM_F32F32F32
+    if (how == Products::kOneDnn) {
+      int64_t lda = ars;
+      if (acs != 1) {  // the micro-kernel reads A row-major: 16 × 16 blocks keep the copy in a few lines
+        for (int64_t i0 = 0; i0 < M; i0 += 16)
+          for (int64_t k0 = 0; k0 < K; k0 += 16) {
+            const int64_t i1 = std::min(M, i0 + 16), k1 = std::min(K, k0 + 16);
+            for (int64_t i = i0; i < i1; ++i)
+#pragma omp simd
+              for (int64_t k = k0; k < k1; ++k) scratch[i * K + k] = A[i * ars + k * acs];
+          }
+        A = scratch;
+        lda = K;
+      }
+      return at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, add, A, B, C, false);
+    }
+#endif
+  }
+  // column-major: Cᵀ (N×M) = Bᵀ (N×K) · A'ᵀ (K×M); read column-major, B is Bᵀ, and A is A'ᵀ
+  // (ld ars) when acs = 1, A' (ld acs) when ars = 1
+  const char ta = acs == 1 ? 'n' : 't';
+  gemm<T>('n', ta, N, M, K, T(1), B, ldb, A, acs == 1 ? ars : acs, add ? T(1) : T(0), C, ldc);
+}
+
+// Grow-only scratch of the calling thread, one per Slot: a call's tile buffers and weights
+// neither zero-fill nor fault in fresh pages, which at the model's small levels cost more
+// than the layer's arithmetic. Never used by two live buffers of one thread at once.
+template <typename T, int Slot>
+T* thread_scratch(int64_t n) {
+  thread_local std::unique_ptr<T[]> buffer;
+  thread_local int64_t capacity = 0;
+  if (capacity < n) {
+    buffer.reset(new T[n]);
+    capacity = n;
+  }
+  return buffer.get();
 }
 
 // sigmoid on rg_coupling.h's exp, which vectorises in float
@@ -152,21 +317,31 @@ inline T sigmoid(T x) {
 // (rows × width) matrix with leading dimension width. Segments per step (in application
 // order): the step's input x; per net, the residual stream z_0 … z_R (z_0 = the masked input,
 // z_R = R(v)) and the hidden pre-activations h_{r,1} … h_{r,n_mlp}.
+//
+// A rolling layout (inference: nothing is kept for a backward) gives the same segments five
+// slots of max(D, H) columns that they share as soon as a value is dead: x and every h one
+// slot, each net's z_r two slots by the parity of r. A tile's activations then stay in cache.
 struct Layout {
   int64_t D, H, n_res, n_mlp, per_net, per_step, row_width;
   std::vector<int64_t> offset, width;
 
-  Layout(int64_t D_, int64_t H_, int64_t n_res_, int64_t n_mlp_)
+  Layout(int64_t D_, int64_t H_, int64_t n_res_, int64_t n_mlp_, bool rolling = false)
       : D(D_), H(H_), n_res(n_res_), n_mlp(n_mlp_) {
     per_net = (n_res + 1) + n_res * n_mlp;
     per_step = 1 + 2 * per_net;
-    row_width = 0;
+    const int64_t slot = std::max(D, H);
+    row_width = rolling ? 5 * slot : 0;
     for (int64_t s = 0; s < 2 * per_step; ++s) {
-      int64_t local = s % per_step;
-      int64_t w = (local == 0 || (local - 1) % per_net <= n_res) ? D : H;
-      offset.push_back(row_width);
+      const int64_t local = s % per_step, in_net = local == 0 ? -1 : (local - 1) % per_net;
+      const int64_t w = (local == 0 || in_net <= n_res) ? D : H;
       width.push_back(w);
-      row_width += w;
+      if (!rolling) {
+        offset.push_back(row_width);
+        row_width += w;
+      } else {
+        const int64_t net = local == 0 ? 0 : (local - 1) / per_net;
+        offset.push_back(local == 0 || in_net > n_res ? 0 : slot * (1 + 2 * net + in_net % 2));
+      }
     }
   }
   int64_t x(int64_t st) const { return st * per_step; }
@@ -199,6 +374,7 @@ struct Problem {
   Net<T> net[2];
   std::vector<uint8_t> transformed[2];  // per parity, per feature: 1 where that step transforms
   bool inverse;
+  Products products;
   int64_t in_width(int64_t i) const { return i == 0 ? L.D : L.H; }
   int64_t out_width(int64_t i) const { return i == L.n_mlp ? L.D : L.H; }
   int64_t max_width() const { return std::max(L.D, L.H); }
@@ -248,10 +424,11 @@ void tile_forward(const Problem<T>& p, const Record<T>& rec, int64_t rows, const
         bias_swish<T>(rows, D, z, nullptr, net.beta[l0], A);
         for (int64_t i = 1; i <= L.n_mlp; ++i) {
           T* h = rec(L.h(st, n, r, i));
-          mm_a_wt(rows, H, p.in_width(i - 1), A, p.in_width(i - 1), net.W[l0 + i - 1], net.Wt[l0 + i - 1], h, H);
+          product<T>(p.products, rows, H, p.in_width(i - 1), A, p.in_width(i - 1), 1, net.Wt[l0 + i - 1], H, h, H,
+                     false, nullptr);
           bias_swish<T>(rows, H, h, net.b[l0 + i - 1], net.beta[l0 + i], A);
         }
-        mm_a_wt(rows, D, H, A, H, net.W[l0 + L.n_mlp], net.Wt[l0 + L.n_mlp], out, D);
+        product<T>(p.products, rows, D, H, A, H, 1, net.Wt[l0 + L.n_mlp], D, out, D, false, nullptr);
         T* z_next = rec(L.z(st, n, r + 1));
         const T* b = net.b[l0 + L.n_mlp];
         for (int64_t row = 0; row < rows; ++row) {
@@ -324,7 +501,7 @@ void tile_backward(const Problem<T>& p, const GradLayout& gl_layout, const Recor
   T* SG = g + 4 * rows * mw;   // recomputed sigmoid
   T* DP = g + 5 * rows * mw;   // grad of a pre-activation
   T* DA = g + 6 * rows * mw;   // grad of a Swish output
-  T* T_scratch = g + 7 * rows * mw;  // a transposed gradient
+  T* T_scratch = g + 7 * rows * mw;  // DPᵀ, for the kernels that read it row-major
   std::copy(grad_y, grad_y + rows * D, g);
   for (int64_t st = 1; st >= 0; --st) {
     const uint8_t* tr = p.transformed[p.parity(st)].data();
@@ -389,8 +566,10 @@ void tile_backward(const Problem<T>& p, const GradLayout& gl_layout, const Recor
 #pragma omp simd
             for (int64_t j = 0; j < w_out; ++j) db[j] += DP[row * w_out + j];
           }
-          mm_gt_a_acc(rows, w_out, w_in, DP, w_out, A, w_in, acc + gl_layout.W[n][l], T_scratch);
-          mm_g_w(rows, w_out, w_in, DP, w_out, net.W[l], DA, w_in);
+          // dW (out×in) += DPᵀ · A, then DA = DP · W
+          product<T>(p.products, w_out, w_in, rows, DP, 1, w_out, A, w_in, acc + gl_layout.W[n][l], w_in, true,
+                     T_scratch);
+          product<T>(p.products, rows, w_in, w_out, DP, w_out, 1, net.W[l], w_in, DA, w_in, false, nullptr);
           T* dbeta = acc + gl_layout.beta[n][l];
           for (int64_t row = 0; row < rows; ++row) {
 #pragma omp simd
@@ -484,18 +663,17 @@ Sizes check_inputs(const Tensor& u, const Tensor& ldj, at::TensorList params, in
 }
 
 // Problem description with weight norm applied: W = g ⊙ V / ‖V‖_row and its transpose,
-// computed once per call into `weights` (which must outlive the Problem).
+// computed once per call into the calling thread's scratch (valid until its next call).
 template <typename T>
-Problem<T> make_problem(const Sizes& s, const std::vector<Tensor>& params, int64_t n_mlp, bool inverse,
-                        std::vector<T>& weights) {
-  TORCH_CHECK(blas_gemm<T>() != nullptr,
+Problem<T> make_problem(const Sizes& s, const std::vector<Tensor>& params, int64_t n_mlp, bool inverse) {
+  const Products products = std::is_same_v<T, float> ? float_products() : Products::kBlas;
+  TORCH_CHECK(products != Products::kBlas || blas_gemm<T>() != nullptr,
               "rg_coupling_layer (cpu): this torch exports no BLAS gemm (sgemm_/dgemm_); use the 'torch' backend");
-  Problem<T> p{Layout(s.D, s.H, s.n_res, n_mlp), {}, {}, inverse};
+  Problem<T> p{Layout(s.D, s.H, s.n_res, n_mlp), {}, {}, inverse, products};
   const int64_t per_net = static_cast<int64_t>(params.size()) / 2;
   int64_t per_block = 0;  // weights of one residual block
   for (int64_t i = 0; i <= n_mlp; ++i) per_block += p.in_width(i) * p.out_width(i);
-  weights.resize(2 * 2 * s.n_res * per_block);  // W and Wt, both nets
-  T* next = weights.data();
+  T* next = thread_scratch<T, 0>(2 * 2 * s.n_res * per_block);  // W and Wt, both nets
   for (int64_t n = 0; n < 2; ++n) {
     for (int64_t l = 0; l < s.n_res * (n_mlp + 1); ++l) {
       const int64_t base = n * per_net + 4 * l;
@@ -507,10 +685,16 @@ Problem<T> make_problem(const Sizes& s, const std::vector<Tensor>& params, int64
       next += 2 * out * in;
       for (int64_t o = 0; o < out; ++o) {
         T sq = 0;
+#pragma omp simd reduction(+ : sq)
         for (int64_t j = 0; j < in; ++j) sq += V[o * in + j] * V[o * in + j];
         const T scale = g[o] / std::sqrt(sq);
-        for (int64_t j = 0; j < in; ++j) Wt[j * out + o] = W[o * in + j] = V[o * in + j] * scale;
+#pragma omp simd
+        for (int64_t j = 0; j < in; ++j) W[o * in + j] = V[o * in + j] * scale;
       }
+      for (int64_t j0 = 0; j0 < in; j0 += 16)  // 16 × 16 blocks keep the transpose in a few lines
+        for (int64_t o0 = 0; o0 < out; o0 += 16)
+          for (int64_t j = j0; j < std::min(in, j0 + 16); ++j)
+            for (int64_t o = o0; o < std::min(out, o0 + 16); ++o) Wt[j * out + o] = W[o * in + j];
       p.net[n].W.push_back(W);
       p.net[n].Wt.push_back(Wt);
       p.net[n].beta.push_back(params[base].data_ptr<T>());
@@ -543,22 +727,22 @@ std::tuple<Tensor, Tensor, Tensor> layer_forward(const Tensor& u_in, const Tenso
   Tensor ldj_out = at::empty_like(ldj);
   Tensor acts;
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "rg_coupling_layer_forward", [&] {
-    std::vector<scalar_t> weights;
-    const Problem<scalar_t> p = make_problem<scalar_t>(s, params, n_mlp, inverse, weights);
+    const Problem<scalar_t> p = make_problem<scalar_t>(s, params, n_mlp, inverse);
+    const Layout rolling(s.D, s.H, s.n_res, n_mlp, /*rolling=*/true);
     acts = store ? at::empty({s.N * p.L.row_width}, u.options()) : at::empty({0}, u.options());
-    std::vector<scalar_t> rows_ldj(s.N * 2);
+    scalar_t* rows_ldj = thread_scratch<scalar_t, 1>(s.N * 2);
     const int64_t tile = kTileRows, tiles = (s.N + tile - 1) / tile;
     const scalar_t* u_ptr = u.data_ptr<scalar_t>();
     scalar_t* y_ptr = y.data_ptr<scalar_t>();
     scalar_t* acts_ptr = store ? acts.data_ptr<scalar_t>() : nullptr;
     at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
-      std::vector<scalar_t> work(3 * tile * p.max_width());
-      std::vector<scalar_t> scratch(store ? 0 : tile * p.L.row_width);
+      scalar_t* work = thread_scratch<scalar_t, 2>(3 * tile * p.max_width());
+      scalar_t* scratch = store ? nullptr : thread_scratch<scalar_t, 3>(tile * rolling.row_width);
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t r0 = t * tile, rows = std::min(tile, s.N - r0);
         const Record<scalar_t> rec = store ? Record<scalar_t>{acts_ptr, s.N, r0, &p.L}
-                                           : Record<scalar_t>{scratch.data(), rows, 0, &p.L};
-        run_tile_forward(p, rec, rows, u_ptr + r0 * s.D, y_ptr + r0 * s.D, rows_ldj.data() + r0 * 2, work.data());
+                                           : Record<scalar_t>{scratch, rows, 0, &rolling};
+        run_tile_forward(p, rec, rows, u_ptr + r0 * s.D, y_ptr + r0 * s.D, rows_ldj + r0 * 2, work);
       }
     });
     // per image, step by step, in row order: the reference's summation order
@@ -592,8 +776,7 @@ std::tuple<Tensor, std::vector<Tensor>> layer_backward(const Tensor& u_in, const
   std::vector<Tensor> grads;
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "rg_coupling_layer_backward", [&] {
     using T = scalar_t;
-    std::vector<T> weights;
-    const Problem<T> p = make_problem<T>(s, params, n_mlp, inverse, weights);
+    const Problem<T> p = make_problem<T>(s, params, n_mlp, inverse);
     const bool stored = acts.numel() > 0;
     TORCH_CHECK(!stored || acts.numel() == s.N * p.L.row_width,
                 "rg_coupling_layer_backward: acts do not match this layer (", acts.numel(), " values)");
@@ -601,8 +784,8 @@ std::tuple<Tensor, std::vector<Tensor>> layer_backward(const Tensor& u_in, const
     const int64_t tile = kTileRows, tiles = (s.N + tile - 1) / tile;
     const int64_t chunks = std::min(tiles, kMaxChunks);
     // each chunk zeroes its own buffer in the parallel region
-    std::unique_ptr<T[]> partial(new T[chunks * gl.size]);
-    std::vector<T> row_gl(s.N);
+    T* partial = thread_scratch<T, 1>(chunks * gl.size);
+    T* row_gl = thread_scratch<T, 4>(s.N);
     const Tensor gldj = grad_ldj.contiguous();
     for (int64_t r = 0; r < s.N; ++r) row_gl[r] = gldj.data_ptr<T>()[r / s.P];
     const T* u_ptr = u.data_ptr<T>();
@@ -610,25 +793,26 @@ std::tuple<Tensor, std::vector<Tensor>> layer_backward(const Tensor& u_in, const
     T* gu_ptr = grad_u.data_ptr<T>();
     T* acts_ptr = stored ? acts.data_ptr<T>() : nullptr;
     at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-      std::vector<T> work(8 * tile * p.max_width());
-      std::vector<T> scratch(stored ? 0 : tile * p.L.row_width);
-      std::vector<T> y_unused(stored ? 0 : tile * s.D), ldj_unused(stored ? 0 : tile * 2);
+      T* work = thread_scratch<T, 2>(8 * tile * p.max_width());
+      T* scratch = stored ? nullptr : thread_scratch<T, 3>(tile * p.L.row_width);
+      T* y_unused = stored ? nullptr : thread_scratch<T, 5>(tile * s.D);
+      T* ldj_unused = stored ? nullptr : thread_scratch<T, 6>(tile * 2);
       for (int64_t c = c0; c < c1; ++c) {
-        std::fill_n(partial.get() + c * gl.size, gl.size, T(0));
+        std::fill_n(partial + c * gl.size, gl.size, T(0));
         for (int64_t t = c * tiles / chunks; t < (c + 1) * tiles / chunks; ++t) {
           const int64_t r0 = t * tile, rows = std::min(tile, s.N - r0);
           Record<T> rec{acts_ptr, s.N, r0, &p.L};
           if (!stored) {
-            rec = Record<T>{scratch.data(), rows, 0, &p.L};
-            run_tile_forward(p, rec, rows, u_ptr + r0 * s.D, y_unused.data(), ldj_unused.data(), work.data());
+            rec = Record<T>{scratch, rows, 0, &p.L};
+            run_tile_forward(p, rec, rows, u_ptr + r0 * s.D, y_unused, ldj_unused, work);
           }
-          run_tile_backward(p, gl, rec, rows, gy_ptr + r0 * s.D, row_gl.data() + r0, gu_ptr + r0 * s.D,
-                        partial.get() + c * gl.size, work.data());
+          run_tile_backward(p, gl, rec, rows, gy_ptr + r0 * s.D, row_gl + r0, gu_ptr + r0 * s.D, partial + c * gl.size,
+                            work);
         }
       }
     });
     // over chunks in order, element by element: the same sums whatever splits the elements
-    std::vector<T> total(gl.size);
+    T* total = thread_scratch<T, 7>(gl.size);
     at::parallel_for(0, gl.size, 16384, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         T sum = 0;
@@ -646,9 +830,9 @@ std::tuple<Tensor, std::vector<Tensor>> layer_backward(const Tensor& u_in, const
         const Tensor& g = params[n * per_net + 4 * l + 2];
         Tensor dbeta = at::empty({w_in}, u.options()), dV = at::empty_like(V), dg = at::empty_like(g),
                db = at::empty({w_out}, u.options());
-        std::copy(total.begin() + gl.beta[n][l], total.begin() + gl.beta[n][l] + w_in, dbeta.data_ptr<T>());
-        std::copy(total.begin() + gl.b[n][l], total.begin() + gl.b[n][l] + w_out, db.data_ptr<T>());
-        const T* dW = total.data() + gl.W[n][l];
+        std::copy(total + gl.beta[n][l], total + gl.beta[n][l] + w_in, dbeta.data_ptr<T>());
+        std::copy(total + gl.b[n][l], total + gl.b[n][l] + w_out, db.data_ptr<T>());
+        const T* dW = total + gl.W[n][l];
         const T* v = V.data_ptr<T>();
         const T* gp = g.data_ptr<T>();
         T* dv = dV.data_ptr<T>();
@@ -670,7 +854,7 @@ std::tuple<Tensor, std::vector<Tensor>> layer_backward(const Tensor& u_in, const
         grads.push_back(db.view(params_in[n * per_net + 4 * l + 3].sizes()));
       }
       Tensor dsigma = at::empty({s.D}, u.options());
-      std::copy(total.begin() + gl.sigma[n], total.begin() + gl.sigma[n] + s.D, dsigma.data_ptr<T>());
+      std::copy(total + gl.sigma[n], total + gl.sigma[n] + s.D, dsigma.data_ptr<T>());
       grads.push_back(dsigma.view(params_in[n * per_net + per_net - 1].sizes()));
     }
   });
@@ -747,6 +931,7 @@ std::tuple<Tensor, Tensor> layer_inference(const Tensor& u, const Tensor& ldj, a
 TORCH_LIBRARY_FRAGMENT(rgflow_fast, m) {
   m.def("rg_coupling_layer(Tensor u, Tensor ldj, Tensor[] params, int n_mlp, bool inverse, bool recompute) -> (Tensor, Tensor)");
   m.def("rg_coupling_layer_forward(Tensor u, Tensor ldj, Tensor[] params, int n_mlp, bool inverse, bool store) -> (Tensor, Tensor, Tensor)");
+  m.def("rg_coupling_layer_cpu_products() -> str[]", &cpu_products);
   m.def("rg_coupling_layer_backward(Tensor u, Tensor acts, Tensor[] params, Tensor grad_y, Tensor grad_ldj, int n_mlp, bool inverse) -> (Tensor, Tensor[])");
 }
 

@@ -114,6 +114,33 @@ def test_cpp_results_do_not_depend_on_thread_count_or_run(seed, inverse, recompu
         assert all(torch.equal(a, b) for a, b in zip(run, first))
 
 
+@pytest.mark.parametrize("products", ["avx2", "onednn", "blas"])
+@pytest.mark.parametrize("inverse", [False, True])
+@pytest.mark.parametrize("recompute", [False, True])
+def test_cpp_every_float_product_kernel_matches_reference(seed, monkeypatch, products, inverse, recompute):
+    """Each kernel RGFLOW_FAST_CPU_PRODUCTS can choose (only the one "auto" picks runs in the
+    other tests), on random shapes: ragged column panels, row counts off the register block."""
+    ops = cpp_available()
+    if products not in ops.rg_coupling_layer_cpu_products():
+        pytest.skip(f"the {products!r} product kernel does not run on this machine")
+    layer, u, ldj = random_case(torch.float32, torch.Generator().manual_seed(seed))
+    with rf.use_backend("torch"):
+        expected = outputs_and_grads(coupling_layer.rg_coupling_layer, layer, u, ldj, inverse, recompute, seed)
+    monkeypatch.setenv("RGFLOW_FAST_CPU_PRODUCTS", products)
+    with rf.use_backend("cpp"):
+        got = outputs_and_grads(coupling_layer.rg_coupling_layer, layer, u, ldj, inverse, recompute, seed)
+    assert_close_scaled(got, expected, TOLERANCE[torch.float32], f"{products}, {tuple(u.shape)}, {layer}")
+
+
+def test_cpp_product_kernel_choice_is_checked(monkeypatch):
+    ops = cpp_available()
+    layer, u, ldj = random_case(torch.float32, torch.Generator().manual_seed(0), small=True)
+    monkeypatch.setenv("RGFLOW_FAST_CPU_PRODUCTS", "fastest")
+    with rf.use_backend("cpp"), pytest.raises(RuntimeError, match="must be 'auto', 'avx2', 'onednn' or 'blas'"):
+        coupling_layer.rg_coupling_layer(u, ldj, layer.op_parameters(), layer.n_mlp)
+    assert ops.rg_coupling_layer_cpu_products()[0] in ("avx2", "onednn", "blas")
+
+
 def saved_bytes(fn):
     params = set()
     total = 0
