@@ -30,6 +30,8 @@ so each net holds ``4·n_res_blocks·(n_mlp + 1) + 1`` tensors (``n_res_blocks``
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from . import backends
@@ -51,6 +53,17 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 PRECISIONS = ("fp32", "tf32", "bf16")
 
 
+@functools.lru_cache(maxsize=64)
+def _param_shapes(n_res: int, n_mlp: int, D: int, hidden: int) -> list:
+    """The shapes of ``params`` (module docstring), both nets."""
+    widths = [D] + [hidden] * n_mlp + [D]
+    net = []
+    for _ in range(n_res):
+        for w_in, w_out in zip(widths[:-1], widths[1:]):
+            net += [(w_in,), (w_out, w_in), (w_out, 1), (w_out,)]
+    return 2 * (net + [(D,)])
+
+
 def check_layer_inputs(u, ldj, params, n_mlp) -> int:
     """Validate the op's inputs (see the module docstring); returns ``n_res_blocks``."""
     if not isinstance(u, torch.Tensor) or u.dim() != 4 or u.shape[-1] != u.shape[-2]:
@@ -66,25 +79,29 @@ def check_layer_inputs(u, ldj, params, n_mlp) -> int:
         raise ValueError(f"n_mlp must be a positive int; got {n_mlp!r}")
     n_res = net_layout(len(params), n_mlp)
     D = u.shape[1] * u.shape[2] * u.shape[3]
-    hidden = params[3].shape[0] if n_res else D  # the first linear layer's bias
-    widths = [D] + [hidden] * n_mlp + [D]
-    expected = []
-    for _ in range(n_res):
-        for w_in, w_out in zip(widths[:-1], widths[1:]):
-            expected += [(w_in,), (w_out, w_in), (w_out, 1), (w_out,)]
-    expected.append((D,))
-    for net, net_params in (("S", params[: len(params) // 2]), ("T", params[len(params) // 2 :])):
-        for i, (p, shape) in enumerate(zip(net_params, expected)):
-            if not isinstance(p, torch.Tensor) or tuple(p.shape) != shape:
-                raise ValueError(
-                    f"{net} net parameter {i} must have shape {shape} (D = C·k² = {D}, hidden = "
-                    f"{hidden}); got {tuple(getattr(p, 'shape', ())) or type(p).__name__}"
-                )
-            if p.dtype != u.dtype or p.device != u.device:
-                raise ValueError(
-                    f"{net} net parameter {i} is {p.dtype} on {p.device} but u is {u.dtype} on "
-                    f"{u.device}; move the nets with .to(u.dtype, u.device)"
-                )
+    hidden = params[3].shape[0] if n_res and isinstance(params[3], torch.Tensor) else D  # first bias
+    expected = _param_shapes(n_res, n_mlp, D, hidden)
+    # one comparison of all shapes, dtypes and devices (a per-tensor loop costs a model more
+    # than a small layer's arithmetic); the loop below only says which tensor is wrong
+    if (
+        all(isinstance(p, torch.Tensor) for p in params)
+        and [p.shape for p in params] == expected
+        and {(p.dtype, p.device) for p in params} == {(u.dtype, u.device)}
+    ):
+        params = ()
+    half = len(expected) // 2
+    for i, p in enumerate(params):
+        net, j, shape = ("S", i, expected[i]) if i < half else ("T", i - half, expected[i])
+        if not isinstance(p, torch.Tensor) or tuple(p.shape) != shape:
+            raise ValueError(
+                f"{net} net parameter {j} must have shape {shape} (D = C·k² = {D}, hidden = "
+                f"{hidden}); got {tuple(getattr(p, 'shape', ())) or type(p).__name__}"
+            )
+        if p.dtype != u.dtype or p.device != u.device:
+            raise ValueError(
+                f"{net} net parameter {j} is {p.dtype} on {p.device} but u is {u.dtype} on "
+                f"{u.device}; move the nets with .to(u.dtype, u.device)"
+            )
     if ldj.dtype != u.dtype or ldj.device != u.device:
         raise ValueError(f"ldj ({ldj.dtype}, {ldj.device}) must match u ({u.dtype}, {u.device})")
     return n_res

@@ -89,10 +89,14 @@ class ResidualMLP(nn.Module):
         """The flat parameter list of :mod:`rgflow_fast.coupling_layer`: per residual block and
         linear layer ``β, V, g, b`` (the Swish before the layer, then the layer), then ``σ``."""
         flat = []
+        # the modules' parameter dicts directly: attribute lookups through nn.Module, and
+        # slicing a Sequential, cost more than a small level's layer
         for block in self.res_blocks:
-            for swish, linear in zip(block[0::2], block[1::2]):
-                flat += [swish.scale, linear.weight_v, linear.weight_g, linear.bias]
-        return flat + [self.scale.scale]
+            modules = list(block)
+            for swish, linear in zip(modules[0::2], modules[1::2]):
+                weights = linear._parameters
+                flat += [swish._parameters["scale"], weights["weight_v"], weights["weight_g"], weights["bias"]]
+        return flat + [self.scale._parameters["scale"]]
 
 
 def net_layout(num_params: int, n_mlp: int) -> int:
