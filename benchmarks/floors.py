@@ -220,10 +220,11 @@ def measure_copy_gbps(device, megabytes: int = 256, repeats: int = 7) -> float:
 def measure_matmul_tflops(device, dtype=torch.float32, n: int | None = None, repeats: int = 5) -> float:
     """Rate of an ``n x n`` matmul in ``dtype`` (``2*n**3`` FLOPs), median of ``repeats``.
 
-    On the CPU the faster of torch's matmul (MKL or OpenBLAS) and oneDNN's (the library torch
-    ships for its mkldnn ops, whose kernels the fused layer also uses): on some CPUs MKL runs
-    generic code (an AMD EPYC: 107 GFLOP/s against oneDNN's 227 on one thread), and a floor
-    from the slower library would be no floor."""
+    On the CPU the fastest of torch's matmul (MKL or OpenBLAS) and oneDNN's (the library torch
+    ships for its mkldnn ops), on the square product and on the model's own shape (1024 rows
+    by a 128 × 128 weight): on some CPUs MKL runs generic code (an AMD EPYC with AVX-512: 107
+    GFLOP/s against oneDNN's 227 on one thread), on others the square product is the slower
+    one (an AVX2 EPYC: 74 against 89), and a floor from the slower rate would be no floor."""
     device = torch.device(device)
     n = n or (8192 if device.type == "cuda" else 1024)
     a = torch.rand(n, n, device=device, dtype=dtype)
@@ -232,7 +233,13 @@ def measure_matmul_tflops(device, dtype=torch.float32, n: int | None = None, rep
     if device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available():
         a_dnn, bt_dnn = a.to_mkldnn(), b.t().contiguous().to_mkldnn()
         seconds = min(seconds, _median_seconds(lambda: torch._C._nn.mkldnn_linear(a_dnn, bt_dnn, None), device, repeats))
-    return 2 * n**3 / seconds / 1e12
+    rate = 2 * n**3 / seconds / 1e12
+    if device.type == "cpu":
+        rows, w = torch.rand(1024, 128, dtype=dtype), torch.rand(128, 128, dtype=dtype)
+        reps = 64  # one product is ~40 µs: time a batch of them
+        seconds = _median_seconds(lambda: [rows @ w for _ in range(reps)], device, repeats)
+        rate = max(rate, 2 * 1024 * 128 * 128 * reps / seconds / 1e12)
+    return rate
 
 
 def roofline(seconds: float, *, nbytes: int | None = None, flops: int | None = None,

@@ -143,6 +143,7 @@ def convert(runs: list[dict], commit: str | None = None, date: str | None = None
         "device": env["device"],
         "device_type": env["device_type"],
         "cpu_threads": env["cpu_threads"],
+        "cpu_products": env.get("cpu_products"),
         "torch": env["torch"],
         "triton": env["triton"],
         "cuda": env["cuda"],
@@ -175,7 +176,8 @@ def markdown(doc: dict) -> str:
         "",
         f"torch {doc['torch']}, triton {doc['triton']}, CUDA {doc['cuda']}, python {doc['python']}; "
         f"backends {', '.join(doc['backends'])}; sizes \"{doc['sizes']}\"; "
-        f"{doc['cpu_threads']} CPU thread(s) for torch.",
+        f"{doc['cpu_threads']} CPU thread(s) for torch"
+        + (f"; C++ layer products: {doc['cpu_products']}." if doc.get("cpu_products") else "."),
         f"Floors from {c['peak_source']}: bandwidth {c['peak_bandwidth_gbps']:.4g} GB/s, "
         f"TFLOP/s {peaks}. Measured this run: copy {c['measured_copy_gbps']:.4g} GB/s, "
         f"fp32 matmul {c['measured_matmul_tflops_fp32']:.4g} TFLOP/s.",
