@@ -30,8 +30,6 @@ so each net holds ``4·n_res_blocks·(n_mlp + 1) + 1`` tensors (``n_res_blocks``
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from . import backends
@@ -53,9 +51,8 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 PRECISIONS = ("fp32", "tf32", "bf16")
 
 
-@functools.lru_cache(maxsize=64)
 def _param_shapes(n_res: int, n_mlp: int, D: int, hidden: int) -> list:
-    """The shapes of ``params`` (module docstring), both nets."""
+    """The shapes of ``params`` (module docstring), both nets, as ``torch.Size`` compares."""
     widths = [D] + [hidden] * n_mlp + [D]
     net = []
     for _ in range(n_res):
