@@ -80,8 +80,8 @@ void gemm(char ta, char tb, int m, int n, int k, T alpha, const T* a, int lda, c
 
 // oneDNN's batch-reduce GEMM micro-kernel, which torch exports for float on x86 (row-major,
 // C (M×N) [+]= A (M×K) · B (K×N)). It uses the CPU's widest vector units whoever made the
-// CPU, where MKL runs generic code on some: 2.2× MKL's sgemm on the tiles of this op on an
-// AMD EPYC with AVX-512. Probed once.
+// CPU, where MKL runs generic code on some (AMD's with AVX-512: benchmarks/RESULTS.md).
+// Probed once.
 bool brgemm_usable() {
 #ifdef CPUBLAS_BRGEMM_F32F32F32
   static const bool usable = [] {
@@ -108,13 +108,14 @@ bool brgemm_usable() {
 //   onednn  oneDNN's micro-kernel
 //   blas    torch's BLAS
 // "auto": oneDNN where the CPU has AVX-512 (its AVX-512 code beats a 256-bit kernel), else
-// avx2 where the CPU has AVX2 and FMA (on an AVX2-only AMD EPYC oneDNN's micro-kernel reached
-// 70–95 GFLOP/s on these tiles from run to run, this kernel 95–100), else oneDNN, else BLAS.
-// The environment variable RGFLOW_FAST_CPU_PRODUCTS overrides the choice per call.
+// avx2 where the CPU has AVX2 and FMA (there it matches or beats oneDNN's AVX2 code on these
+// tiles, whose speed also varied more from run to run: benchmarks/RESULTS.md), else oneDNN,
+// else BLAS. The environment variable RGFLOW_FAST_CPU_PRODUCTS overrides the choice per call.
 enum class Products { kAvx2, kOneDnn, kBlas };
 
 bool cpu_has_avx2_fma() {
 #ifdef RGF_AVX2_KERNEL
+  __builtin_cpu_init();
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 #else
   return false;
@@ -124,6 +125,7 @@ bool cpu_has_avx2_fma() {
 Products auto_products() {
   static const Products chosen = [] {
 #ifdef RGF_AVX2_KERNEL
+    __builtin_cpu_init();
     const bool avx512 = __builtin_cpu_supports("avx512f");
 #else
     const bool avx512 = false;
