@@ -70,7 +70,8 @@ def _measure_device() -> dict:
         tflops = {floors.matmul_precision(torch.float32, DEVICE.type): matmul}
     products = None  # the float product kernel of the C++ layer (csrc/rg_coupling_layer.cpp)
     if DEVICE.type == "cpu" and "cpp" in rf.available_backends():
-        products = os.environ.get("RGFLOW_FAST_CPU_PRODUCTS") or torch.ops.rgflow_fast.rg_coupling_layer_cpu_products()[0]
+        forced = os.environ.get("RGFLOW_FAST_CPU_PRODUCTS", "auto")
+        products = forced if forced != "auto" else torch.ops.rgflow_fast.rg_coupling_layer_cpu_products()[0]
     return {
         "device": name,
         "device_type": DEVICE.type,

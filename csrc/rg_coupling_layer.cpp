@@ -222,7 +222,7 @@ inline __attribute__((always_inline)) void avx2_panel(int64_t M, int64_t K, cons
   int64_t i = 0;
   for (; i + 6 <= M; i += 6)
     avx2_block<6, NV, Masked>(K, A + i * ars, ars, acs, B, ldb, C + i * ldc, ldc, add, mask, i == 0 ? next : nullptr);
-  if (i == 0) next = nullptr;
+  if (i != 0) next = nullptr;  // the panel's first block prefetched the next one
   const float* a = A + i * ars;
   float* c = C + i * ldc;
   switch (M - i) {
@@ -297,8 +297,18 @@ void product(Products how, int64_t M, int64_t N, int64_t K, const T* A, int64_t 
 
 // Grow-only scratch of the calling thread, one per Slot: a call's tile buffers and weights
 // neither zero-fill nor fault in fresh pages, which at the model's small levels cost more
-// than the layer's arithmetic. Never used by two live buffers of one thread at once.
-template <typename T, int Slot>
+// than the layer's arithmetic. A slot never holds two live buffers of one thread at once.
+enum Slot {
+  kWeights,      // the calling thread's W and Wt (make_problem)
+  kRowsOrChunks, // forward: per-row log-dets; backward: the chunks' gradient sums
+  kWork,         // each worker's tile work buffers
+  kRecord,       // each worker's tile activations when they are not stored
+  kRowGrad,      // backward: the log-det gradient per row
+  kUnusedY,      // backward recompute: the forward's outputs, not needed
+  kUnusedLdj,
+  kTotal,        // backward: the gradients summed over chunks
+};
+template <typename T, Slot S>
 T* thread_scratch(int64_t n) {
   thread_local std::unique_ptr<T[]> buffer;
   thread_local int64_t capacity = 0;
@@ -675,7 +685,7 @@ Problem<T> make_problem(const Sizes& s, const std::vector<Tensor>& params, int64
   const int64_t per_net = static_cast<int64_t>(params.size()) / 2;
   int64_t per_block = 0;  // weights of one residual block
   for (int64_t i = 0; i <= n_mlp; ++i) per_block += p.in_width(i) * p.out_width(i);
-  T* next = thread_scratch<T, 0>(2 * 2 * s.n_res * per_block);  // W and Wt, both nets
+  T* next = thread_scratch<T, kWeights>(2 * 2 * s.n_res * per_block);  // W and Wt, both nets
   for (int64_t n = 0; n < 2; ++n) {
     for (int64_t l = 0; l < s.n_res * (n_mlp + 1); ++l) {
       const int64_t base = n * per_net + 4 * l;
@@ -732,14 +742,14 @@ std::tuple<Tensor, Tensor, Tensor> layer_forward(const Tensor& u_in, const Tenso
     const Problem<scalar_t> p = make_problem<scalar_t>(s, params, n_mlp, inverse);
     const Layout rolling(s.D, s.H, s.n_res, n_mlp, /*rolling=*/true);
     acts = store ? at::empty({s.N * p.L.row_width}, u.options()) : at::empty({0}, u.options());
-    scalar_t* rows_ldj = thread_scratch<scalar_t, 1>(s.N * 2);
+    scalar_t* rows_ldj = thread_scratch<scalar_t, kRowsOrChunks>(s.N * 2);
     const int64_t tile = kTileRows, tiles = (s.N + tile - 1) / tile;
     const scalar_t* u_ptr = u.data_ptr<scalar_t>();
     scalar_t* y_ptr = y.data_ptr<scalar_t>();
     scalar_t* acts_ptr = store ? acts.data_ptr<scalar_t>() : nullptr;
     at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
-      scalar_t* work = thread_scratch<scalar_t, 2>(3 * tile * p.max_width());
-      scalar_t* scratch = store ? nullptr : thread_scratch<scalar_t, 3>(tile * rolling.row_width);
+      scalar_t* work = thread_scratch<scalar_t, kWork>(3 * tile * p.max_width());
+      scalar_t* scratch = store ? nullptr : thread_scratch<scalar_t, kRecord>(tile * rolling.row_width);
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t r0 = t * tile, rows = std::min(tile, s.N - r0);
         const Record<scalar_t> rec = store ? Record<scalar_t>{acts_ptr, s.N, r0, &p.L}
@@ -786,8 +796,8 @@ std::tuple<Tensor, std::vector<Tensor>> layer_backward(const Tensor& u_in, const
     const int64_t tile = kTileRows, tiles = (s.N + tile - 1) / tile;
     const int64_t chunks = std::min(tiles, kMaxChunks);
     // each chunk zeroes its own buffer in the parallel region
-    T* partial = thread_scratch<T, 1>(chunks * gl.size);
-    T* row_gl = thread_scratch<T, 4>(s.N);
+    T* partial = thread_scratch<T, kRowsOrChunks>(chunks * gl.size);
+    T* row_gl = thread_scratch<T, kRowGrad>(s.N);
     const Tensor gldj = grad_ldj.contiguous();
     for (int64_t r = 0; r < s.N; ++r) row_gl[r] = gldj.data_ptr<T>()[r / s.P];
     const T* u_ptr = u.data_ptr<T>();
@@ -795,10 +805,10 @@ std::tuple<Tensor, std::vector<Tensor>> layer_backward(const Tensor& u_in, const
     T* gu_ptr = grad_u.data_ptr<T>();
     T* acts_ptr = stored ? acts.data_ptr<T>() : nullptr;
     at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-      T* work = thread_scratch<T, 2>(8 * tile * p.max_width());
-      T* scratch = stored ? nullptr : thread_scratch<T, 3>(tile * p.L.row_width);
-      T* y_unused = stored ? nullptr : thread_scratch<T, 5>(tile * s.D);
-      T* ldj_unused = stored ? nullptr : thread_scratch<T, 6>(tile * 2);
+      T* work = thread_scratch<T, kWork>(8 * tile * p.max_width());
+      T* scratch = stored ? nullptr : thread_scratch<T, kRecord>(tile * p.L.row_width);
+      T* y_unused = stored ? nullptr : thread_scratch<T, kUnusedY>(tile * s.D);
+      T* ldj_unused = stored ? nullptr : thread_scratch<T, kUnusedLdj>(tile * 2);
       for (int64_t c = c0; c < c1; ++c) {
         std::fill_n(partial + c * gl.size, gl.size, T(0));
         for (int64_t t = c * tiles / chunks; t < (c + 1) * tiles / chunks; ++t) {
@@ -814,7 +824,7 @@ std::tuple<Tensor, std::vector<Tensor>> layer_backward(const Tensor& u_in, const
       }
     });
     // over chunks in order, element by element: the same sums whatever splits the elements
-    T* total = thread_scratch<T, 7>(gl.size);
+    T* total = thread_scratch<T, kTotal>(gl.size);
     at::parallel_for(0, gl.size, 16384, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         T sum = 0;

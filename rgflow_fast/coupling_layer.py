@@ -61,6 +61,23 @@ def _param_shapes(n_res: int, n_mlp: int, D: int, hidden: int) -> list:
     return 2 * (net + [(D,)])
 
 
+def _raise_for_wrong_param(u, params, expected, D, hidden):
+    """Raise for the first parameter whose type, shape, dtype or device is wrong."""
+    half = len(expected) // 2
+    for i, p in enumerate(params):
+        net, j, shape = ("S", i, expected[i]) if i < half else ("T", i - half, expected[i])
+        if not isinstance(p, torch.Tensor) or tuple(p.shape) != shape:
+            raise ValueError(
+                f"{net} net parameter {j} must have shape {shape} (D = C·k² = {D}, hidden = "
+                f"{hidden}); got {tuple(getattr(p, 'shape', ())) or type(p).__name__}"
+            )
+        if p.dtype != u.dtype or p.device != u.device:
+            raise ValueError(
+                f"{net} net parameter {j} is {p.dtype} on {p.device} but u is {u.dtype} on "
+                f"{u.device}; move the nets with .to(u.dtype, u.device)"
+            )
+
+
 def check_layer_inputs(u, ldj, params, n_mlp) -> int:
     """Validate the op's inputs (see the module docstring); returns ``n_res_blocks``."""
     if not isinstance(u, torch.Tensor) or u.dim() != 4 or u.shape[-1] != u.shape[-2]:
@@ -79,26 +96,13 @@ def check_layer_inputs(u, ldj, params, n_mlp) -> int:
     hidden = params[3].shape[0] if n_res and isinstance(params[3], torch.Tensor) else D  # first bias
     expected = _param_shapes(n_res, n_mlp, D, hidden)
     # one comparison of all shapes, dtypes and devices (a per-tensor loop costs a model more
-    # than a small layer's arithmetic); the loop below only says which tensor is wrong
-    if (
+    # than a small layer's arithmetic); only on a mismatch, the loop that names the tensor
+    if not (
         all(isinstance(p, torch.Tensor) for p in params)
         and [p.shape for p in params] == expected
         and {(p.dtype, p.device) for p in params} == {(u.dtype, u.device)}
     ):
-        params = ()
-    half = len(expected) // 2
-    for i, p in enumerate(params):
-        net, j, shape = ("S", i, expected[i]) if i < half else ("T", i - half, expected[i])
-        if not isinstance(p, torch.Tensor) or tuple(p.shape) != shape:
-            raise ValueError(
-                f"{net} net parameter {j} must have shape {shape} (D = C·k² = {D}, hidden = "
-                f"{hidden}); got {tuple(getattr(p, 'shape', ())) or type(p).__name__}"
-            )
-        if p.dtype != u.dtype or p.device != u.device:
-            raise ValueError(
-                f"{net} net parameter {j} is {p.dtype} on {p.device} but u is {u.dtype} on "
-                f"{u.device}; move the nets with .to(u.dtype, u.device)"
-            )
+        _raise_for_wrong_param(u, params, expected, D, hidden)
     if ldj.dtype != u.dtype or ldj.device != u.device:
         raise ValueError(f"ldj ({ldj.dtype}, {ldj.device}) must match u ({u.dtype}, {u.device})")
     return n_res
