@@ -306,7 +306,6 @@ enum Slot {
   kRowGrad,      // backward: the log-det gradient per row
   kUnusedY,      // backward recompute: the forward's outputs, not needed
   kUnusedLdj,
-  kTotal,        // backward: the gradients summed over chunks
 };
 template <typename T, Slot S>
 T* thread_scratch(int64_t n) {
@@ -373,7 +372,8 @@ struct Record {
 };
 
 // One net's parameters: per linear layer l = r·(n_mlp+1) + i, the Swish β before it, the
-// weight-normalised W and its transpose Wt (computed once per call) and the bias; then σ.
+// weight-normalised W and its transpose Wt (each only where the call reads it) and the bias;
+// then σ.
 template <typename T>
 struct Net {
   std::vector<const T*> beta, W, Wt, b;
@@ -479,20 +479,24 @@ struct GradLayout {
   std::vector<int64_t> beta[2], W[2], b[2];
   int64_t sigma[2];
   int64_t size = 0;
+  std::vector<std::pair<int64_t, int64_t>> not_W;  // (offset, length) of every gradient but the dWs
   template <typename T>
   explicit GradLayout(const Problem<T>& p) {
     for (int64_t n = 0; n < 2; ++n) {
       for (int64_t r = 0; r < p.L.n_res; ++r) {
         for (int64_t i = 0; i <= p.L.n_mlp; ++i) {
           beta[n].push_back(size);
+          not_W.emplace_back(size, p.in_width(i));
           size += p.in_width(i);
           W[n].push_back(size);
           size += p.in_width(i) * p.out_width(i);
           b[n].push_back(size);
+          not_W.emplace_back(size, p.out_width(i));
           size += p.out_width(i);
         }
       }
       sigma[n] = size;
+      not_W.emplace_back(size, p.L.D);
       size += p.L.D;
     }
   }
@@ -500,10 +504,12 @@ struct GradLayout {
 
 // Back-propagates grad_y (rows × D) through the layer of one tile whose activations are in
 // `rec`; writes grad_u and adds parameter gradients into `acc` (GradLayout). gl: the
-// log-det's gradient for each row. `work`: 8 · rows · max_width.
+// log-det's gradient for each row. `work`: 8 · rows · max_width. `fresh`: acc's dW blocks
+// hold nothing yet, so the first product into each (step 1's) writes instead of adding,
+// which saves zeroing them (the rest of acc must be zero).
 template <typename T>
 void tile_backward(const Problem<T>& p, const GradLayout& gl_layout, const Record<T>& rec, int64_t rows,
-                   const T* grad_y, const T* gl, T* grad_u, T* acc, T* work) {
+                   const T* grad_y, const T* gl, T* grad_u, T* acc, T* work, bool fresh) {
   const Layout& L = p.L;
   const int64_t D = L.D, mw = p.max_width();
   const T inv_sqrt2 = T(1) / std::sqrt(T(2));
@@ -579,8 +585,8 @@ void tile_backward(const Problem<T>& p, const GradLayout& gl_layout, const Recor
             for (int64_t j = 0; j < w_out; ++j) db[j] += DP[row * w_out + j];
           }
           // dW (out×in) += DPᵀ · A, then DA = DP · W
-          product<T>(p.products, w_out, w_in, rows, DP, 1, w_out, A, w_in, acc + gl_layout.W[n][l], w_in, true,
-                     T_scratch);
+          product<T>(p.products, w_out, w_in, rows, DP, 1, w_out, A, w_in, acc + gl_layout.W[n][l], w_in,
+                     !(fresh && st == 1), T_scratch);
           product<T>(p.products, rows, w_in, w_out, DP, w_out, 1, net.W[l], w_in, DA, w_in, false, nullptr);
           T* dbeta = acc + gl_layout.beta[n][l];
           for (int64_t row = 0; row < rows; ++row) {
@@ -620,8 +626,8 @@ void tile_backward(const Problem<T>& p, const GradLayout& gl_layout, const Recor
   }                                                                                                         \
   RGF_TILE_CODE void run_tile_backward(const Problem<T>& p, const GradLayout& gl, const Record<T>& rec,      \
                                        int64_t rows, const T* grad_y, const T* gl_rows, T* grad_u, T* acc,   \
-                                       T* work) {                                                           \
-    tile_backward(p, gl, rec, rows, grad_y, gl_rows, grad_u, acc, work);                                   \
+                                       T* work, bool fresh) {                                               \
+    tile_backward(p, gl, rec, rows, grad_y, gl_rows, grad_u, acc, work, fresh);                            \
   }
 RGF_TILE_ENTRY_POINTS(float)
 RGF_TILE_ENTRY_POINTS(double)
@@ -674,10 +680,12 @@ Sizes check_inputs(const Tensor& u, const Tensor& ldj, at::TensorList params, in
   return s;
 }
 
-// Problem description with weight norm applied: W = g ⊙ V / ‖V‖_row and its transpose,
+// Problem description with weight norm applied: W = g ⊙ V / ‖V‖_row (what the backward's
+// products read) and its transpose (the forward's), each only where `need_W` / `need_Wt`,
 // computed once per call into the calling thread's scratch (valid until its next call).
 template <typename T>
-Problem<T> make_problem(const Sizes& s, const std::vector<Tensor>& params, int64_t n_mlp, bool inverse) {
+Problem<T> make_problem(const Sizes& s, const std::vector<Tensor>& params, int64_t n_mlp, bool inverse, bool need_W,
+                        bool need_Wt) {
   const Products products = std::is_same_v<T, float> ? float_products() : Products::kBlas;
   TORCH_CHECK(products != Products::kBlas || blas_gemm<T>() != nullptr,
               "rg_coupling_layer (cpu): this torch exports no BLAS gemm (sgemm_/dgemm_); use the 'torch' backend");
@@ -686,6 +694,7 @@ Problem<T> make_problem(const Sizes& s, const std::vector<Tensor>& params, int64
   int64_t per_block = 0;  // weights of one residual block
   for (int64_t i = 0; i <= n_mlp; ++i) per_block += p.in_width(i) * p.out_width(i);
   T* next = thread_scratch<T, kWeights>(2 * 2 * s.n_res * per_block);  // W and Wt, both nets
+  std::vector<T> scale(p.max_width());  // g_o / ‖V_o‖ of one linear layer
   for (int64_t n = 0; n < 2; ++n) {
     for (int64_t l = 0; l < s.n_res * (n_mlp + 1); ++l) {
       const int64_t base = n * per_net + 4 * l;
@@ -699,14 +708,19 @@ Problem<T> make_problem(const Sizes& s, const std::vector<Tensor>& params, int64
         T sq = 0;
 #pragma omp simd reduction(+ : sq)
         for (int64_t j = 0; j < in; ++j) sq += V[o * in + j] * V[o * in + j];
-        const T scale = g[o] / std::sqrt(sq);
-#pragma omp simd
-        for (int64_t j = 0; j < in; ++j) W[o * in + j] = V[o * in + j] * scale;
+        scale[o] = g[o] / std::sqrt(sq);
       }
-      for (int64_t j0 = 0; j0 < in; j0 += 16)  // 16 × 16 blocks keep the transpose in a few lines
-        for (int64_t o0 = 0; o0 < out; o0 += 16)
-          for (int64_t j = j0; j < std::min(in, j0 + 16); ++j)
-            for (int64_t o = o0; o < std::min(out, o0 + 16); ++o) Wt[j * out + o] = W[o * in + j];
+      if (need_W) {
+        for (int64_t o = 0; o < out; ++o)
+#pragma omp simd
+          for (int64_t j = 0; j < in; ++j) W[o * in + j] = V[o * in + j] * scale[o];
+      }
+      if (need_Wt) {
+        for (int64_t j0 = 0; j0 < in; j0 += 16)  // 16 × 16 blocks keep the transpose in a few lines
+          for (int64_t o0 = 0; o0 < out; o0 += 16)
+            for (int64_t j = j0; j < std::min(in, j0 + 16); ++j)
+              for (int64_t o = o0; o < std::min(out, o0 + 16); ++o) Wt[j * out + o] = V[o * in + j] * scale[o];
+      }
       p.net[n].W.push_back(W);
       p.net[n].Wt.push_back(Wt);
       p.net[n].beta.push_back(params[base].data_ptr<T>());
@@ -739,7 +753,7 @@ std::tuple<Tensor, Tensor, Tensor> layer_forward(const Tensor& u_in, const Tenso
   Tensor ldj_out = at::empty_like(ldj);
   Tensor acts;
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "rg_coupling_layer_forward", [&] {
-    const Problem<scalar_t> p = make_problem<scalar_t>(s, params, n_mlp, inverse);
+    const Problem<scalar_t> p = make_problem<scalar_t>(s, params, n_mlp, inverse, /*need_W=*/false, /*need_Wt=*/true);
     const Layout rolling(s.D, s.H, s.n_res, n_mlp, /*rolling=*/true);
     acts = store ? at::empty({s.N * p.L.row_width}, u.options()) : at::empty({0}, u.options());
     scalar_t* rows_ldj = thread_scratch<scalar_t, kRowsOrChunks>(s.N * 2);
@@ -774,6 +788,26 @@ std::tuple<Tensor, Tensor, Tensor> layer_forward(const Tensor& u_in, const Tenso
   return {y.view(u_in.sizes()), ldj_out, acts};
 }
 
+// Back from W = g ⊙ V / ‖V‖_row to the weight-norm parameters of one linear layer (out × in):
+// with n = ‖V_o‖ and V̂ = V_o / n, dg_o = Σ_j dW_oj V̂_oj and dV_o = (g_o / n)(dW_o − dg_o V̂_o).
+template <typename T>
+void weight_norm_backward(int64_t out, int64_t in, const T* V, const T* g, const T* dW, T* dV, T* dg) {
+  for (int64_t o = 0; o < out; ++o) {
+    const T* v = V + o * in;
+    const T* dw = dW + o * in;
+    T sq = 0, dot = 0;
+#pragma omp simd reduction(+ : sq, dot)
+    for (int64_t j = 0; j < in; ++j) {
+      sq += v[j] * v[j];
+      dot += dw[j] * v[j];
+    }
+    const T norm = std::sqrt(sq), dgo = dot / norm, scale = g[o] / norm, along = dgo / norm;
+    dg[o] = dgo;
+#pragma omp simd
+    for (int64_t j = 0; j < in; ++j) dV[o * in + j] = scale * (dw[j] - along * v[j]);
+  }
+}
+
 std::tuple<Tensor, std::vector<Tensor>> layer_backward(const Tensor& u_in, const Tensor& acts, at::TensorList params_in,
                                                        const Tensor& grad_y_in, const Tensor& grad_ldj, int64_t n_mlp,
                                                        bool inverse) {
@@ -788,14 +822,14 @@ std::tuple<Tensor, std::vector<Tensor>> layer_backward(const Tensor& u_in, const
   std::vector<Tensor> grads;
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "rg_coupling_layer_backward", [&] {
     using T = scalar_t;
-    const Problem<T> p = make_problem<T>(s, params, n_mlp, inverse);
     const bool stored = acts.numel() > 0;
+    const Problem<T> p = make_problem<T>(s, params, n_mlp, inverse, /*need_W=*/true, /*need_Wt=*/!stored);
     TORCH_CHECK(!stored || acts.numel() == s.N * p.L.row_width,
                 "rg_coupling_layer_backward: acts do not match this layer (", acts.numel(), " values)");
     const GradLayout gl(p);
     const int64_t tile = kTileRows, tiles = (s.N + tile - 1) / tile;
     const int64_t chunks = std::min(tiles, kMaxChunks);
-    // each chunk zeroes its own buffer in the parallel region
+    // each chunk zeroes its own buffer (but the dWs, which its first tile writes) in the parallel region
     T* partial = thread_scratch<T, kRowsOrChunks>(chunks * gl.size);
     T* row_gl = thread_scratch<T, kRowGrad>(s.N);
     const Tensor gldj = grad_ldj.contiguous();
@@ -810,65 +844,50 @@ std::tuple<Tensor, std::vector<Tensor>> layer_backward(const Tensor& u_in, const
       T* y_unused = stored ? nullptr : thread_scratch<T, kUnusedY>(tile * s.D);
       T* ldj_unused = stored ? nullptr : thread_scratch<T, kUnusedLdj>(tile * 2);
       for (int64_t c = c0; c < c1; ++c) {
-        std::fill_n(partial + c * gl.size, gl.size, T(0));
-        for (int64_t t = c * tiles / chunks; t < (c + 1) * tiles / chunks; ++t) {
+        T* acc = partial + c * gl.size;
+        for (const auto& [offset, length] : gl.not_W) std::fill_n(acc + offset, length, T(0));
+        const int64_t first = c * tiles / chunks;
+        for (int64_t t = first; t < (c + 1) * tiles / chunks; ++t) {
           const int64_t r0 = t * tile, rows = std::min(tile, s.N - r0);
           Record<T> rec{acts_ptr, s.N, r0, &p.L};
           if (!stored) {
             rec = Record<T>{scratch, rows, 0, &p.L};
             run_tile_forward(p, rec, rows, u_ptr + r0 * s.D, y_unused, ldj_unused, work);
           }
-          run_tile_backward(p, gl, rec, rows, gy_ptr + r0 * s.D, row_gl + r0, gu_ptr + r0 * s.D, partial + c * gl.size,
-                            work);
+          run_tile_backward(p, gl, rec, rows, gy_ptr + r0 * s.D, row_gl + r0, gu_ptr + r0 * s.D, acc, work,
+                            t == first);
         }
       }
     });
-    // over chunks in order, element by element: the same sums whatever splits the elements
-    T* total = thread_scratch<T, kTotal>(gl.size);
-    at::parallel_for(0, gl.size, 16384, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
+    // The outputs: per net, per linear layer dβ, dV, dg, db; then dσ.
+    const int64_t per_net = static_cast<int64_t>(params.size()) / 2, n_linear = s.n_res * (n_mlp + 1);
+    grads.resize(params.size());
+    for (size_t i = 0; i < params.size(); ++i) grads[i] = at::empty(params_in[i].sizes(), u.options());
+    // Each gradient summed over chunks in order, element by element (the same sums whatever
+    // splits the work), one task per linear layer; dW straight on to V and g.
+    auto chunk_sum = [&](int64_t offset, int64_t length, T* out) {
+      for (int64_t i = 0; i < length; ++i) {
         T sum = 0;
-        for (int64_t c = 0; c < chunks; ++c) sum += partial[c * gl.size + i];
-        total[i] = sum;
+        for (int64_t c = 0; c < chunks; ++c) sum += partial[c * gl.size + offset + i];
+        out[i] = sum;
+      }
+    };
+    at::parallel_for(0, 2 * (n_linear + 1), 1, [&](int64_t k0, int64_t k1) {
+      std::vector<T> dW(p.max_width() * p.max_width());
+      for (int64_t k = k0; k < k1; ++k) {
+        const int64_t n = k / (n_linear + 1), l = k % (n_linear + 1), base = n * per_net + 4 * l;
+        if (l == n_linear) {  // σ
+          chunk_sum(gl.sigma[n], s.D, grads[n * per_net + per_net - 1].data_ptr<T>());
+          continue;
+        }
+        const int64_t w_in = p.in_width(l % (n_mlp + 1)), w_out = p.out_width(l % (n_mlp + 1));
+        chunk_sum(gl.beta[n][l], w_in, grads[base].data_ptr<T>());
+        chunk_sum(gl.b[n][l], w_out, grads[base + 3].data_ptr<T>());
+        chunk_sum(gl.W[n][l], w_out * w_in, dW.data());
+        weight_norm_backward(w_out, w_in, params[base + 1].data_ptr<T>(), params[base + 2].data_ptr<T>(), dW.data(),
+                             grads[base + 1].data_ptr<T>(), grads[base + 2].data_ptr<T>());
       }
     });
-    // back from W to the weight-norm parameters: with n = ‖V_o‖ and V̂ = V_o / n,
-    // dg_o = Σ_j dW_oj V̂_oj and dV_o = (g_o / n)(dW_o − dg_o V̂_o)
-    const int64_t per_net = static_cast<int64_t>(params.size()) / 2;
-    for (int64_t n = 0; n < 2; ++n) {
-      for (int64_t l = 0; l < s.n_res * (n_mlp + 1); ++l) {
-        const int64_t i = l % (n_mlp + 1), w_in = p.in_width(i), w_out = p.out_width(i);
-        const Tensor& V = params[n * per_net + 4 * l + 1];
-        const Tensor& g = params[n * per_net + 4 * l + 2];
-        Tensor dbeta = at::empty({w_in}, u.options()), dV = at::empty_like(V), dg = at::empty_like(g),
-               db = at::empty({w_out}, u.options());
-        std::copy(total + gl.beta[n][l], total + gl.beta[n][l] + w_in, dbeta.data_ptr<T>());
-        std::copy(total + gl.b[n][l], total + gl.b[n][l] + w_out, db.data_ptr<T>());
-        const T* dW = total + gl.W[n][l];
-        const T* v = V.data_ptr<T>();
-        const T* gp = g.data_ptr<T>();
-        T* dv = dV.data_ptr<T>();
-        T* dgp = dg.data_ptr<T>();
-        for (int64_t o = 0; o < w_out; ++o) {
-          T sq = 0;
-          for (int64_t j = 0; j < w_in; ++j) sq += v[o * w_in + j] * v[o * w_in + j];
-          const T norm = std::sqrt(sq);
-          T dot = 0;
-          for (int64_t j = 0; j < w_in; ++j) dot += dW[o * w_in + j] * v[o * w_in + j];
-          const T dgo = dot / norm;
-          dgp[o] = dgo;
-          for (int64_t j = 0; j < w_in; ++j)
-            dv[o * w_in + j] = (gp[o] / norm) * (dW[o * w_in + j] - dgo * v[o * w_in + j] / norm);
-        }
-        grads.push_back(dbeta.view(params_in[n * per_net + 4 * l].sizes()));
-        grads.push_back(dV);
-        grads.push_back(dg.view(params_in[n * per_net + 4 * l + 2].sizes()));
-        grads.push_back(db.view(params_in[n * per_net + 4 * l + 3].sizes()));
-      }
-      Tensor dsigma = at::empty({s.D}, u.options());
-      std::copy(total + gl.sigma[n], total + gl.sigma[n] + s.D, dsigma.data_ptr<T>());
-      grads.push_back(dsigma.view(params_in[n * per_net + per_net - 1].sizes()));
-    }
   });
   return {grad_u.view(u_in.sizes()), grads};
 }

@@ -114,6 +114,31 @@ def test_cpp_results_do_not_depend_on_thread_count_or_run(seed, inverse, recompu
         assert all(torch.equal(a, b) for a, b in zip(run, first))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("inverse", [False, True])
+@pytest.mark.parametrize("recompute", [False, True])
+def test_cpp_gradient_chunks_of_several_tiles_match_reference(seed, dtype, inverse, recompute):
+    """Over 8 tiles of rows, so that a parameter-gradient chunk holds several tiles (its first
+    tile writes the dW sums, the next ones add to them); random_case stays below that."""
+    ops = cpp_available()
+    g = torch.Generator().manual_seed(seed)
+    P = int(torch.randint(61, 120, (1,), generator=g))  # 9 · P rows: 9 to 17 tiles of 64
+    layer = CouplingLayer(12, 13, 2, 2).to(dtype)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=dtype))
+    u = torch.randn(9 * P, 3, 2, 2, generator=g, dtype=dtype)
+    ldj = torch.randn(9, generator=g, dtype=dtype)
+    with rf.use_backend("torch"):
+        expected = outputs_and_grads(coupling_layer.rg_coupling_layer, layer, u, ldj, inverse, recompute, seed)
+    kernels = ops.rg_coupling_layer_cpu_products() if dtype == torch.float32 else ["auto"]
+    for products in kernels:
+        with rf.use_backend("cpp"), pytest.MonkeyPatch.context() as m:
+            m.setenv("RGFLOW_FAST_CPU_PRODUCTS", products)
+            got = outputs_and_grads(coupling_layer.rg_coupling_layer, layer, u, ldj, inverse, recompute, seed)
+        assert_close_scaled(got, expected, TOLERANCE[dtype], f"cpp ({products}), {9 * P} rows")
+
+
 @pytest.mark.parametrize("products", ["avx2", "onednn", "blas"])
 @pytest.mark.parametrize("inverse", [False, True])
 @pytest.mark.parametrize("recompute", [False, True])
