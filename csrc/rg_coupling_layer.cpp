@@ -257,8 +257,68 @@ void avx2_product(int64_t M, int64_t N, int64_t K, const float* A, int64_t ars, 
       avx2_panel<1, true>(M, K, A, ars, acs, b, ldb, c, ldc, add, mask, next);
   }
 }
+
+// σ(x) = 1 / (1 + e^-x) on 8 floats, e^y = 2^n · p(r) with n = round(y / ln 2), r = y - n ln 2
+// (|r| ≤ ln 2 / 2) and p the degree-6 Taylor polynomial (relative error below 1.3e-7), 2^n
+// added straight into p's exponent bits. y is clamped to [-87, 88], beyond which σ is 0 or 1
+// in float; a NaN x gives a finite σ, and Swish's factor h carries the NaN on. Half the
+// instructions of rg_coupling.h's expm1, which is exact near 0 and keeps NaN, and written
+// out because the compiler's vectorised version of the same was no faster.
+inline __attribute__((always_inline)) __m256 avx2_sigmoid(__m256 x) {
+  const __m256 one = _mm256_set1_ps(1.f), shift = _mm256_set1_ps(12582912.f);  // 1.5 · 2^23
+  const __m256 y = _mm256_min_ps(_mm256_max_ps(_mm256_sub_ps(_mm256_setzero_ps(), x), _mm256_set1_ps(-87.f)),
+                                 _mm256_set1_ps(88.f));
+  const __m256 t = _mm256_fmadd_ps(y, _mm256_set1_ps(1.44269504088896341f), shift);  // low bits: n
+  const __m256 n = _mm256_sub_ps(t, shift);
+  // ln 2 = 0.693359375 - 2.12194440e-4, the first part short enough that n times it is exact
+  const __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f),
+                                    _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), y));
+  __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(1.f / 720.f), r, _mm256_set1_ps(1.f / 120.f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 24.f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 6.f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, one);
+  p = _mm256_fmadd_ps(p, r, one);
+  // t's bits are shift's plus n: shifted left by 23, shift's drop out and n · 2^23 is left
+  const __m256 e = _mm256_castsi256_ps(
+      _mm256_add_epi32(_mm256_castps_si256(p), _mm256_slli_epi32(_mm256_castps_si256(t), 23)));
+  return _mm256_div_ps(one, _mm256_add_ps(one, e));
+}
+
+// The Swish passes (see bias_swish and tile_backward) on avx2_sigmoid, over a (rows × w) block,
+// the last 8 columns of a row masked when w is not a multiple of 8:
+//   sigmoid == nullptr:  h += bias (when bias), a = h · σ(β h)
+//   else:                sigmoid = σ(β h), a = h · σ(β h)
+void avx2_swish(int64_t rows, int64_t w, float* h, const float* bias, const float* beta, float* a, float* sigmoid) {
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(w % 8)), lanes);
+  for (int64_t row = 0; row < rows; ++row) {
+    float* hr = h + row * w;
+    float* ar = a + row * w;
+    float* sr = sigmoid ? sigmoid + row * w : nullptr;
+    for (int64_t j = 0; j < w; j += 8) {
+      const bool tail = j + 8 > w;
+      const auto load = [&](const float* x) { return tail ? _mm256_maskload_ps(x, mask) : _mm256_loadu_ps(x); };
+      const auto store = [&](float* x, __m256 v) { tail ? _mm256_maskstore_ps(x, mask, v) : _mm256_storeu_ps(x, v); };
+      __m256 hv = load(hr + j);
+      if (bias) {
+        hv = _mm256_add_ps(hv, load(bias + j));
+        store(hr + j, hv);
+      }
+      const __m256 sg = avx2_sigmoid(_mm256_mul_ps(load(beta + j), hv));
+      if (sr) store(sr + j, sg);
+      store(ar + j, _mm256_mul_ps(hv, sg));
+    }
+  }
+}
 #pragma GCC pop_options
 #endif
+
+// Whether the Swish passes run on avx2_swish (the CPU has AVX2 and FMA), checked once.
+bool swish_on_avx2() {
+  static const bool yes = cpu_has_avx2_fma();
+  return yes;
+}
 
 // Row-major C (M×N, ldc) [+]= A' (M×K) · B (K×N, ldb) with A'(i, k) = A[i·ars + k·acs], on
 // the chosen float kernel; `scratch` (M·K values) holds A' for the kernels that need it
@@ -396,6 +456,10 @@ struct Problem {
 // a = swish(h) = h·sigmoid(β h) over a (rows × w) block; with bias: h += b first (in place).
 template <typename T>
 void bias_swish(int64_t rows, int64_t w, T* h, const T* bias, const T* beta, T* a) {
+#ifdef RGF_AVX2_KERNEL
+  if constexpr (std::is_same_v<T, float>)
+    if (swish_on_avx2()) return avx2_swish(rows, w, h, bias, beta, a, nullptr);
+#endif
   for (int64_t r = 0; r < rows; ++r) {
     T* hr = h + r * w;
     T* ar = a + r * w;
@@ -405,6 +469,22 @@ void bias_swish(int64_t rows, int64_t w, T* h, const T* bias, const T* beta, T* 
     }
 #pragma omp simd
     for (int64_t j = 0; j < w; ++j) ar[j] = hr[j] * sigmoid(beta[j] * hr[j]);
+  }
+}
+
+// a = swish(h) = h·s and s = sigmoid(β h) over a (rows × w) block.
+template <typename T>
+void swish_and_sigmoid(int64_t rows, int64_t w, const T* h, const T* beta, T* a, T* s) {
+#ifdef RGF_AVX2_KERNEL
+  if constexpr (std::is_same_v<T, float>)  // without a bias, avx2_swish only reads h
+    if (swish_on_avx2()) return avx2_swish(rows, w, const_cast<float*>(h), nullptr, beta, a, s);
+#endif
+  for (int64_t row = 0; row < rows; ++row) {
+#pragma omp simd
+    for (int64_t j = 0; j < w; ++j) {
+      s[row * w + j] = sigmoid(beta[j] * h[row * w + j]);
+      a[row * w + j] = h[row * w + j] * s[row * w + j];
+    }
   }
 }
 
@@ -571,14 +651,7 @@ void tile_backward(const Problem<T>& p, const GradLayout& gl_layout, const Recor
           const int64_t w_in = p.in_width(i), w_out = p.out_width(i), l = l0 + i;
           const T* pre = i == 0 ? z : rec(L.h(st, n, r, i));
           const T* beta = net.beta[l];
-          for (int64_t row = 0; row < rows; ++row) {
-#pragma omp simd
-            for (int64_t j = 0; j < w_in; ++j) {
-              const T sgm = sigmoid(beta[j] * pre[row * w_in + j]);
-              SG[row * w_in + j] = sgm;
-              A[row * w_in + j] = pre[row * w_in + j] * sgm;
-            }
-          }
+          swish_and_sigmoid(rows, w_in, pre, beta, A, SG);
           T* db = acc + gl_layout.b[n][l];
           for (int64_t row = 0; row < rows; ++row) {
 #pragma omp simd
