@@ -6,7 +6,8 @@
 // Work is cut into tiles of kTileRows patch rows. A tile runs through the whole layer with its
 // activations in cache: every matrix product is one call of a small-matrix kernel on the tile
 // (float: this file's AVX2 kernel or oneDNN's micro-kernel, see Products; double: BLAS),
-// followed by one fused elementwise pass (bias + Swish, or bias + residual + √2). Tiles are fixed
+// followed by one fused elementwise pass (bias + Swish, on AVX2 intrinsics in float where the
+// CPU has them: avx2_swish; or bias + residual + √2). Tiles are fixed
 // whatever the thread count, and parameter gradients are summed per chunk of tiles and then
 // over chunks in order, so results are bitwise the same for any number of threads.
 //
