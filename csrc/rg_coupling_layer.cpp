@@ -3,7 +3,7 @@
 // tanh-clamped affine coupling and the log-det) in one op, forward, inverse and backward.
 // The maths and the flat parameter layout: rgflow_fast/coupling_layer.py.
 //
-// Work is cut into tiles of kTileRows patch rows. A tile runs through the whole layer with its
+// Work is cut into tiles of tile_rows(N) patch rows. A tile runs through the whole layer with its
 // activations in cache: every matrix product is one call of a small-matrix kernel on the tile
 // (float: this file's AVX2 kernel or oneDNN's micro-kernel, see Products; double: BLAS),
 // followed by one fused elementwise pass (bias + Swish, on AVX2 intrinsics in float where the
@@ -52,10 +52,11 @@ namespace {
 
 using at::Tensor;
 
-// Rows per tile, fixed (never the thread count's doing, so that results do not depend on it):
-// 64 rows keep a tile's backward working set (8 buffers of rows × width) in L2, and the
-// micro-kernel products are as fast on them as on bigger tiles.
-constexpr int64_t kTileRows = 64;
+// Rows per tile of an N-row layer, a function of N alone (never of the thread count, so that
+// results do not depend on it): 64 rows keep a tile's backward working set (8 buffers of
+// rows × width) in L2, and the micro-kernel products are as fast on them as on bigger tiles;
+// below 256 rows, 32, so that the model's 64-row layers have two tiles for two threads.
+int64_t tile_rows(int64_t N) { return N >= 256 ? 64 : 32; }
 // Parameter gradients are accumulated in at most this many chunk buffers (a fixed number, not
 // the thread count, so that the summation order never depends on the machine): as many
 // threads share a backward; each chunk costs one zeroed copy of the parameters' size.
@@ -831,7 +832,7 @@ std::tuple<Tensor, Tensor, Tensor> layer_forward(const Tensor& u_in, const Tenso
     const Layout rolling(s.D, s.H, s.n_res, n_mlp, /*rolling=*/true);
     acts = store ? at::empty({s.N * p.L.row_width}, u.options()) : at::empty({0}, u.options());
     scalar_t* rows_ldj = thread_scratch<scalar_t, kRowsOrChunks>(s.N * 2);
-    const int64_t tile = kTileRows, tiles = (s.N + tile - 1) / tile;
+    const int64_t tile = tile_rows(s.N), tiles = (s.N + tile - 1) / tile;
     const scalar_t* u_ptr = u.data_ptr<scalar_t>();
     scalar_t* y_ptr = y.data_ptr<scalar_t>();
     scalar_t* acts_ptr = store ? acts.data_ptr<scalar_t>() : nullptr;
@@ -901,7 +902,7 @@ std::tuple<Tensor, std::vector<Tensor>> layer_backward(const Tensor& u_in, const
     TORCH_CHECK(!stored || acts.numel() == s.N * p.L.row_width,
                 "rg_coupling_layer_backward: acts do not match this layer (", acts.numel(), " values)");
     const GradLayout gl(p);
-    const int64_t tile = kTileRows, tiles = (s.N + tile - 1) / tile;
+    const int64_t tile = tile_rows(s.N), tiles = (s.N + tile - 1) / tile;
     const int64_t chunks = std::min(tiles, kMaxChunks);
     // each chunk zeroes its own buffer (but the dWs, which its first tile writes) in the parallel region
     T* partial = thread_scratch<T, kRowsOrChunks>(chunks * gl.size);

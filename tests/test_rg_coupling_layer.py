@@ -87,17 +87,18 @@ def cpp_available():
     return torch.ops.rgflow_fast
 
 
+@pytest.mark.parametrize("rows, batch", [(1000, 8), (150, 6)])  # tiles of 64 rows; of 32 below 256
 @pytest.mark.parametrize("inverse", [False, True])
 @pytest.mark.parametrize("recompute", [False, True])
-def test_cpp_results_do_not_depend_on_thread_count_or_run(seed, inverse, recompute):
+def test_cpp_results_do_not_depend_on_thread_count_or_run(seed, rows, batch, inverse, recompute):
     cpp_available()
     g = torch.Generator().manual_seed(seed)
-    # 1000 rows: several tiles and several gradient chunks
+    # several tiles and several gradient chunks
     layer = CouplingLayer(48, 40, 2, 2)
     with torch.no_grad():
         for p in layer.parameters():
             p.add_(0.3 * torch.randn(p.shape, generator=g))
-    u, ldj = torch.randn(1000, 3, 4, 4, generator=g), torch.randn(8, generator=g)
+    u, ldj = torch.randn(rows, 3, 4, 4, generator=g), torch.randn(batch, generator=g)
     threads = torch.get_num_threads()
     results = {}
     try:
