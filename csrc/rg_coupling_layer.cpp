@@ -287,10 +287,9 @@ inline __attribute__((always_inline)) __m256 avx2_sigmoid(__m256 x) {
   return _mm256_div_ps(one, _mm256_add_ps(one, e));
 }
 
-// The Swish passes (see bias_swish and tile_backward) on avx2_sigmoid, over a (rows × w) block,
-// the last 8 columns of a row masked when w is not a multiple of 8:
-//   sigmoid == nullptr:  h += bias (when bias), a = h · σ(β h)
-//   else:                sigmoid = σ(β h), a = h · σ(β h)
+// swish (below) on avx2_sigmoid over a (rows × w) block, the last 8 columns of a row masked
+// when w is not a multiple of 8: h += bias when bias, a = h · σ(β h), sigmoid = σ(β h) when
+// sigmoid.
 void avx2_swish(int64_t rows, int64_t w, float* h, const float* bias, const float* beta, float* a, float* sigmoid) {
   const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(w % 8)), lanes);
@@ -455,12 +454,13 @@ struct Problem {
   int64_t parity(int64_t st) const { return inverse ? 1 - st : st; }
 };
 
-// a = swish(h) = h·sigmoid(β h) over a (rows × w) block; with bias: h += b first (in place).
+// a = swish(h) = h·σ(β h) over a (rows × w) block; with bias, h += b first (in place); with
+// s (the backward's), also s = σ(β h).
 template <typename T>
-void bias_swish(int64_t rows, int64_t w, T* h, const T* bias, const T* beta, T* a) {
+void swish(int64_t rows, int64_t w, T* h, const T* bias, const T* beta, T* a, T* s) {
 #ifdef RGF_AVX2_KERNEL
   if constexpr (std::is_same_v<T, float>)
-    if (swish_on_avx2()) return avx2_swish(rows, w, h, bias, beta, a, nullptr);
+    if (swish_on_avx2()) return avx2_swish(rows, w, h, bias, beta, a, s);
 #endif
   for (int64_t r = 0; r < rows; ++r) {
     T* hr = h + r * w;
@@ -470,22 +470,10 @@ void bias_swish(int64_t rows, int64_t w, T* h, const T* bias, const T* beta, T* 
       for (int64_t j = 0; j < w; ++j) hr[j] += bias[j];
     }
 #pragma omp simd
-    for (int64_t j = 0; j < w; ++j) ar[j] = hr[j] * sigmoid(beta[j] * hr[j]);
-  }
-}
-
-// a = swish(h) = h·s and s = sigmoid(β h) over a (rows × w) block.
-template <typename T>
-void swish_and_sigmoid(int64_t rows, int64_t w, const T* h, const T* beta, T* a, T* s) {
-#ifdef RGF_AVX2_KERNEL
-  if constexpr (std::is_same_v<T, float>)  // without a bias, avx2_swish only reads h
-    if (swish_on_avx2()) return avx2_swish(rows, w, const_cast<float*>(h), nullptr, beta, a, s);
-#endif
-  for (int64_t row = 0; row < rows; ++row) {
-#pragma omp simd
     for (int64_t j = 0; j < w; ++j) {
-      s[row * w + j] = sigmoid(beta[j] * h[row * w + j]);
-      a[row * w + j] = h[row * w + j] * s[row * w + j];
+      const T sg = sigmoid(beta[j] * hr[j]);
+      if (s) s[r * w + j] = sg;
+      ar[j] = hr[j] * sg;
     }
   }
 }
@@ -515,12 +503,12 @@ void tile_forward(const Problem<T>& p, const Record<T>& rec, int64_t rows, const
       }
       for (int64_t r = 0; r < L.n_res; ++r) {
         const int64_t l0 = r * (L.n_mlp + 1);
-        bias_swish<T>(rows, D, z, nullptr, net.beta[l0], A);
+        swish<T>(rows, D, z, nullptr, net.beta[l0], A, nullptr);
         for (int64_t i = 1; i <= L.n_mlp; ++i) {
           T* h = rec(L.h(st, n, r, i));
           product<T>(p.products, rows, H, p.in_width(i - 1), A, p.in_width(i - 1), 1, net.Wt[l0 + i - 1], H, h, H,
                      false, nullptr);
-          bias_swish<T>(rows, H, h, net.b[l0 + i - 1], net.beta[l0 + i], A);
+          swish<T>(rows, H, h, net.b[l0 + i - 1], net.beta[l0 + i], A, nullptr);
         }
         product<T>(p.products, rows, D, H, A, H, 1, net.Wt[l0 + L.n_mlp], D, out, D, false, nullptr);
         T* z_next = rec(L.z(st, n, r + 1));
@@ -645,15 +633,15 @@ void tile_backward(const Problem<T>& p, const GradLayout& gl_layout, const Recor
       T* gz = gnet[n];  // grad of z_{r+1}, then of z_r
       for (int64_t r = L.n_res - 1; r >= 0; --r) {
         const int64_t l0 = r * (L.n_mlp + 1);
-        const T* z = rec(L.z(st, n, r));
+        T* z = rec(L.z(st, n, r));
         // DP: grad of linear i's output, walking i = n_mlp … 0 (F's output is linear n_mlp's)
 #pragma omp simd
         for (int64_t i = 0; i < rows * D; ++i) DP[i] = gz[i] *= inv_sqrt2;
         for (int64_t i = L.n_mlp; i >= 0; --i) {
           const int64_t w_in = p.in_width(i), w_out = p.out_width(i), l = l0 + i;
-          const T* pre = i == 0 ? z : rec(L.h(st, n, r, i));
+          T* pre = i == 0 ? z : rec(L.h(st, n, r, i));
           const T* beta = net.beta[l];
-          swish_and_sigmoid(rows, w_in, pre, beta, A, SG);
+          swish<T>(rows, w_in, pre, nullptr, beta, A, SG);
           T* db = acc + gl_layout.b[n][l];
           for (int64_t row = 0; row < rows; ++row) {
 #pragma omp simd
