@@ -16,12 +16,17 @@
 //   rg_coupling_layer_forward(u, ldj, params, n_mlp, inverse, store) -> (y, ldj, acts)
 //   rg_coupling_layer_backward(u, acts, params, grad_y, grad_ldj, n_mlp, inverse)
 //       -> (grad_u, grad_params)       acts empty: recompute each tile's activations first
+//   rg_coupling_layer_cpu_products() -> the float product kernels here, auto's first
+//   rg_coupling_layer_cpu_activation_cache(release) -> [live, kept] bytes of saved activations,
+//       then frees the kept ones when release (ActivationCache)
 
 #include <ATen/ATen.h>
+#include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
+#include <c10/core/impl/alloc_cpu.h>
 
 #include "rg_coupling.h"
 
@@ -33,9 +38,12 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <map>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <type_traits>
+#include <unordered_map>
 #include <vector>
 
 // BLAS as torch links it (MKL or OpenBLAS export the Fortran symbols); weak, so that a torch
@@ -378,6 +386,81 @@ T* thread_scratch(int64_t n) {
   }
   return buffer.get();
 }
+
+// The allocator of the activations a training forward saves for its backward. They are tens
+// of MB per layer, freed by the backward and allocated again by the next forward; from glibc
+// they often come back as fresh pages (a trimmed heap top, or mmap), which the forward then
+// faults in 4 KiB at a time, up to a quarter of a training step (benchmarks/RESULTS.md). So a
+// freed block is kept, and an allocation takes a kept block of exactly its size. Live plus
+// kept bytes never exceed the peak of live bytes: a miss frees kept blocks (largest first)
+// until the new block fits under that peak, or none is left.
+class ActivationCache final : public c10::Allocator {
+ public:
+  static ActivationCache& get() {
+    static ActivationCache* cache = new ActivationCache();  // never destroyed: tensors may outlive exit
+    return *cache;
+  }
+
+  c10::DataPtr allocate(size_t n) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    void* ptr = nullptr;
+    const auto hit = kept_.find(n);
+    if (hit != kept_.end()) {
+      ptr = hit->second;
+      kept_.erase(hit);
+      kept_bytes_ -= n;
+    } else {
+      while (!kept_.empty() && live_bytes_ + kept_bytes_ + n > peak_bytes_) {
+        const auto largest = std::prev(kept_.end());
+        c10::free_cpu(largest->second);
+        kept_bytes_ -= largest->first;
+        kept_.erase(largest);
+      }
+      ptr = c10::alloc_cpu(n);
+    }
+    live_.emplace(ptr, n);
+    live_bytes_ += n;
+    peak_bytes_ = std::max(peak_bytes_, live_bytes_ + kept_bytes_);
+    return {ptr, ptr, &give_back, c10::Device(c10::DeviceType::CPU)};
+  }
+
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    default_copy_data(dest, src, count);
+  }
+
+  // [live bytes, kept bytes]; then, when `release`, frees every kept block (the peak starts
+  // again from the live bytes).
+  std::vector<int64_t> info(bool release) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    std::vector<int64_t> bytes{static_cast<int64_t>(live_bytes_), static_cast<int64_t>(kept_bytes_)};
+    if (release) {
+      for (const auto& [size, ptr] : kept_) c10::free_cpu(ptr);
+      kept_.clear();
+      kept_bytes_ = 0;
+      peak_bytes_ = live_bytes_;
+    }
+    return bytes;
+  }
+
+ private:
+  static void give_back(void* ptr) {
+    ActivationCache& cache = get();
+    std::lock_guard<std::mutex> lock(cache.mutex_);
+    const auto block = cache.live_.find(ptr);
+    const size_t n = block->second;
+    cache.live_.erase(block);
+    cache.live_bytes_ -= n;
+    cache.kept_.emplace(n, ptr);
+    cache.kept_bytes_ += n;
+  }
+
+  std::mutex mutex_;
+  std::unordered_map<void*, size_t> live_;
+  std::multimap<size_t, void*> kept_;
+  size_t live_bytes_ = 0, kept_bytes_ = 0, peak_bytes_ = 0;
+};
+
+std::vector<int64_t> activation_cache(bool release) { return ActivationCache::get().info(release); }
 
 // sigmoid on rg_coupling.h's exp, which vectorises in float
 template <typename T>
@@ -818,7 +901,10 @@ std::tuple<Tensor, Tensor, Tensor> layer_forward(const Tensor& u_in, const Tenso
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "rg_coupling_layer_forward", [&] {
     const Problem<scalar_t> p = make_problem<scalar_t>(s, params, n_mlp, inverse, /*need_W=*/false, /*need_Wt=*/true);
     const Layout rolling(s.D, s.H, s.n_res, n_mlp, /*rolling=*/true);
-    acts = store ? at::empty({s.N * p.L.row_width}, u.options()) : at::empty({0}, u.options());
+    acts = store ? at::detail::empty_generic({s.N * p.L.row_width}, &ActivationCache::get(),
+                                             c10::DispatchKeySet(c10::DispatchKey::CPU), u.scalar_type(),
+                                             std::nullopt)
+                 : at::empty({0}, u.options());
     scalar_t* rows_ldj = thread_scratch<scalar_t, kRowsOrChunks>(s.N * 2);
     const int64_t tile = tile_rows(s.N), tiles = (s.N + tile - 1) / tile;
     const scalar_t* u_ptr = u.data_ptr<scalar_t>();
@@ -1026,6 +1112,7 @@ TORCH_LIBRARY_FRAGMENT(rgflow_fast, m) {
   m.def("rg_coupling_layer(Tensor u, Tensor ldj, Tensor[] params, int n_mlp, bool inverse, bool recompute) -> (Tensor, Tensor)");
   m.def("rg_coupling_layer_forward(Tensor u, Tensor ldj, Tensor[] params, int n_mlp, bool inverse, bool store) -> (Tensor, Tensor, Tensor)");
   m.def("rg_coupling_layer_cpu_products() -> str[]", &cpu_products);
+  m.def("rg_coupling_layer_cpu_activation_cache(bool release) -> int[]", &activation_cache);
   m.def("rg_coupling_layer_backward(Tensor u, Tensor acts, Tensor[] params, Tensor grad_y, Tensor grad_ldj, int n_mlp, bool inverse) -> (Tensor, Tensor[])");
 }
 

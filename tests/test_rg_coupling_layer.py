@@ -168,7 +168,6 @@ def test_cpp_product_kernel_choice_is_checked(monkeypatch):
 
 
 def saved_bytes(fn):
-    params = set()
     total = 0
 
     def pack(t):
@@ -194,6 +193,48 @@ def test_cpp_recompute_saves_only_the_inputs(seed):
     # the stored activations: per row and step, x and per net z_0..z_R (D each) and the
     # hidden pre-activations (n_res · n_mlp · hidden)
     assert stored == inputs + 256 * 2 * (48 + 2 * (4 * 48 + 3 * 2 * 64)) * 4
+
+
+def test_cpp_saved_activations_reuse_freed_blocks_within_the_peak(seed):
+    """A training forward's saved activations take the block the last backward freed (no fresh
+    pages), with the same results as on a fresh block; a new size frees kept blocks first, so
+    live plus kept bytes stay within the most ever live; empty_activation_cache frees the rest."""
+    cpp_available()
+    from rgflow_fast import cpp_ops
+
+    g = torch.Generator().manual_seed(seed)
+    layer = CouplingLayer(48, 40, 2, 2)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g))
+    params = layer.op_parameters()
+
+    def acts_bytes(rows):  # per row: both steps' x, z_0..z_2 per net, 2·2 hidden pre-activations
+        return rows * 2 * (48 + 2 * (3 * 48 + 2 * 2 * 40)) * 4
+
+    def step(u, ldj):
+        return outputs_and_grads(coupling_layer.rg_coupling_layer, layer, u, ldj, False, False, seed)
+
+    cpp_ops.empty_activation_cache()
+    live = cpp_ops.activation_cache()["live"]  # other graphs still alive, normally none
+    u1, u2 = torch.randn(2, 301, 3, 4, 4, generator=g)
+    ldj = torch.randn(7, generator=g)
+    with rf.use_backend("cpp"):
+        step(u1, ldj)
+        assert cpp_ops.activation_cache() == {"live": live, "kept": acts_bytes(301)}
+        y, l = coupling_layer.rg_coupling_layer(u2.requires_grad_(), ldj, params, 2)
+        assert cpp_ops.activation_cache() == {"live": live + acts_bytes(301), "kept": 0}
+        del y, l
+        reused = step(u2, ldj)
+        assert cpp_ops.empty_activation_cache() == acts_bytes(301)
+        fresh = step(u2, ldj)
+        assert all(torch.equal(a, b) for a, b in zip(reused, fresh))
+        y, l = coupling_layer.rg_coupling_layer(u2[:150], ldj[:6], params, 2)
+        assert cpp_ops.activation_cache() == {"live": live + acts_bytes(150), "kept": 0}
+        del y, l
+    assert cpp_ops.activation_cache() == {"live": live, "kept": acts_bytes(150)}
+    assert cpp_ops.empty_activation_cache() == acts_bytes(150)
+    assert cpp_ops.activation_cache() == {"live": live, "kept": 0}
 
 
 def test_cpp_no_grad_saves_nothing(seed):
