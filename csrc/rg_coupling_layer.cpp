@@ -320,11 +320,40 @@ void avx2_swish(int64_t rows, int64_t w, float* h, const float* bias, const floa
     }
   }
 }
+
+// Wt (in × out) = the transpose of V (out × in) with row o scaled by scale[o], in 8 × 8 blocks
+// transposed in registers; the ragged edges one by one.
+void avx2_scaled_transpose(int64_t out, int64_t in, const float* V, const float* scale, float* Wt) {
+  const int64_t out8 = out / 8 * 8, in8 = in / 8 * 8;
+  for (int64_t o = 0; o < out8; o += 8) {
+    for (int64_t j = 0; j < in8; j += 8) {
+      __m256 r[8], t[8];
+      for (int i = 0; i < 8; ++i) r[i] = _mm256_mul_ps(_mm256_loadu_ps(V + (o + i) * in + j), _mm256_set1_ps(scale[o + i]));
+      for (int i = 0; i < 8; i += 2) {  // t[i] = r[i], r[i+1] interleaved, per 128-bit half
+        t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+      }
+      for (int i = 0; i < 8; i += 4) {  // r[i + c]: column c (and c + 4) of rows i … i+3
+        r[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+        r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+        r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+        r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+      }
+      for (int c = 0; c < 4; ++c) {
+        _mm256_storeu_ps(Wt + (j + c) * out + o, _mm256_permute2f128_ps(r[c], r[c + 4], 0x20));
+        _mm256_storeu_ps(Wt + (j + c + 4) * out + o, _mm256_permute2f128_ps(r[c], r[c + 4], 0x31));
+      }
+    }
+  }
+  for (int64_t o = 0; o < out; ++o)
+    for (int64_t j = o < out8 ? in8 : 0; j < in; ++j) Wt[j * out + o] = V[o * in + j] * scale[o];
+}
 #pragma GCC pop_options
 #endif
 
-// Whether the Swish passes run on avx2_swish (the CPU has AVX2 and FMA), checked once.
-bool swish_on_avx2() {
+// Whether the elementwise passes on AVX2 intrinsics (avx2_swish, avx2_scaled_transpose) run
+// here (the CPU has AVX2 and FMA), checked once.
+bool avx2_passes() {
   static const bool yes = cpu_has_avx2_fma();
   return yes;
 }
@@ -543,7 +572,7 @@ template <typename T>
 void swish(int64_t rows, int64_t w, T* h, const T* bias, const T* beta, T* a, T* s) {
 #ifdef RGF_AVX2_KERNEL
   if constexpr (std::is_same_v<T, float>)
-    if (swish_on_avx2()) return avx2_swish(rows, w, h, bias, beta, a, s);
+    if (avx2_passes()) return avx2_swish(rows, w, h, bias, beta, a, s);
 #endif
   for (int64_t r = 0; r < rows; ++r) {
     T* hr = h + r * w;
@@ -756,8 +785,34 @@ void tile_backward(const Problem<T>& p, const GradLayout& gl_layout, const Recor
   std::copy(g, g + rows * D, grad_u);
 }
 
-// The tiles' elementwise passes are most of the time outside BLAS: compile the tile code for
-// wider vector units as well and pick the version at load time (function multiversioning), so
+// W = g ⊙ V / ‖V‖_row of one linear layer (V: out × in) where W, and its transpose where Wt
+// (each may be null); `scale`: scratch for out values.
+template <typename T>
+void weight_norm(int64_t out, int64_t in, const T* V, const T* g, T* scale, T* W, T* Wt) {
+  for (int64_t o = 0; o < out; ++o) {
+    T sq = 0;
+#pragma omp simd reduction(+ : sq)
+    for (int64_t j = 0; j < in; ++j) sq += V[o * in + j] * V[o * in + j];
+    scale[o] = g[o] / std::sqrt(sq);
+  }
+  if (W) {
+    for (int64_t o = 0; o < out; ++o)
+#pragma omp simd
+      for (int64_t j = 0; j < in; ++j) W[o * in + j] = V[o * in + j] * scale[o];
+  }
+  if (!Wt) return;
+#ifdef RGF_AVX2_KERNEL
+  if constexpr (std::is_same_v<T, float>)
+    if (avx2_passes()) return avx2_scaled_transpose(out, in, V, scale, Wt);
+#endif
+  for (int64_t j0 = 0; j0 < in; j0 += 16)  // 16 × 16 blocks keep the transpose in a few lines
+    for (int64_t o0 = 0; o0 < out; o0 += 16)
+      for (int64_t j = j0; j < std::min(in, j0 + 16); ++j)
+        for (int64_t o = o0; o < std::min(out, o0 + 16); ++o) Wt[j * out + o] = V[o * in + j] * scale[o];
+}
+
+// The tiles' elementwise passes are most of the time outside BLAS: compile the tile code (and
+// the weight norm) for wider vector units as well and pick the version at load time (function multiversioning), so
 // that one build runs everywhere. `flatten` inlines the templates into each version.
 #if defined(__x86_64__) && defined(__GNUC__) && (__GNUC__ >= 11 || defined(__clang__))
 #define RGF_TILE_CODE __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"), flatten))
@@ -774,6 +829,9 @@ void tile_backward(const Problem<T>& p, const GradLayout& gl_layout, const Recor
                                        int64_t rows, const T* grad_y, const T* gl_rows, T* grad_u, T* acc,   \
                                        T* work, bool fresh) {                                               \
     tile_backward(p, gl, rec, rows, grad_y, gl_rows, grad_u, acc, work, fresh);                            \
+  }                                                                                                         \
+  RGF_TILE_CODE void run_weight_norm(int64_t out, int64_t in, const T* V, const T* g, T* scale, T* W, T* Wt) { \
+    weight_norm(out, in, V, g, scale, W, Wt);                                                              \
   }
 RGF_TILE_ENTRY_POINTS(float)
 RGF_TILE_ENTRY_POINTS(double)
@@ -845,28 +903,11 @@ Problem<T> make_problem(const Sizes& s, const std::vector<Tensor>& params, int64
     for (int64_t l = 0; l < s.n_res * (n_mlp + 1); ++l) {
       const int64_t base = n * per_net + 4 * l;
       const int64_t out = p.out_width(l % (n_mlp + 1)), in = p.in_width(l % (n_mlp + 1));
-      const T* V = params[base + 1].data_ptr<T>();
-      const T* g = params[base + 2].data_ptr<T>();
       T* W = next;
       T* Wt = next + out * in;
       next += 2 * out * in;
-      for (int64_t o = 0; o < out; ++o) {
-        T sq = 0;
-#pragma omp simd reduction(+ : sq)
-        for (int64_t j = 0; j < in; ++j) sq += V[o * in + j] * V[o * in + j];
-        scale[o] = g[o] / std::sqrt(sq);
-      }
-      if (need_W) {
-        for (int64_t o = 0; o < out; ++o)
-#pragma omp simd
-          for (int64_t j = 0; j < in; ++j) W[o * in + j] = V[o * in + j] * scale[o];
-      }
-      if (need_Wt) {
-        for (int64_t j0 = 0; j0 < in; j0 += 16)  // 16 × 16 blocks keep the transpose in a few lines
-          for (int64_t o0 = 0; o0 < out; o0 += 16)
-            for (int64_t j = j0; j < std::min(in, j0 + 16); ++j)
-              for (int64_t o = o0; o < std::min(out, o0 + 16); ++o) Wt[j * out + o] = V[o * in + j] * scale[o];
-      }
+      run_weight_norm(out, in, params[base + 1].data_ptr<T>(), params[base + 2].data_ptr<T>(), scale.data(),
+                      need_W ? W : nullptr, need_Wt ? Wt : nullptr);
       p.net[n].W.push_back(W);
       p.net[n].Wt.push_back(Wt);
       p.net[n].beta.push_back(params[base].data_ptr<T>());
