@@ -399,7 +399,7 @@ void product(Products how, int64_t M, int64_t N, int64_t K, const T* A, int64_t 
 enum Slot {
   kWeights,      // the calling thread's W and Wt (make_problem)
   kRowsOrChunks, // forward: per-row log-dets; backward: the chunks' gradient sums
-  kWork,         // each worker's tile work buffers
+  kWork,         // each worker's tile work buffers; backward, after the tiles: a dW summed over chunks
   kRecord,       // each worker's tile activations when they are not stored
   kRowGrad,      // backward: the log-det gradient per row
   kUnusedY,      // backward recompute: the forward's outputs, not needed
@@ -811,6 +811,37 @@ void weight_norm(int64_t out, int64_t in, const T* V, const T* g, T* scale, T* W
         for (int64_t o = o0; o < std::min(out, o0 + 16); ++o) Wt[j * out + o] = V[o * in + j] * scale[o];
 }
 
+// Back from W = g ⊙ V / ‖V‖_row to the weight-norm parameters of one linear layer (out × in):
+// with n = ‖V_o‖ and V̂ = V_o / n, dg_o = Σ_j dW_oj V̂_oj and dV_o = (g_o / n)(dW_o − dg_o V̂_o).
+template <typename T>
+void weight_norm_backward(int64_t out, int64_t in, const T* V, const T* g, const T* dW, T* dV, T* dg) {
+  for (int64_t o = 0; o < out; ++o) {
+    const T* v = V + o * in;
+    const T* dw = dW + o * in;
+    T sq = 0, dot = 0;
+#pragma omp simd reduction(+ : sq, dot)
+    for (int64_t j = 0; j < in; ++j) {
+      sq += v[j] * v[j];
+      dot += dw[j] * v[j];
+    }
+    const T norm = std::sqrt(sq), dgo = dot / norm, scale = g[o] / norm, along = dgo / norm;
+    dg[o] = dgo;
+#pragma omp simd
+    for (int64_t j = 0; j < in; ++j) dV[o * in + j] = scale * (dw[j] - along * v[j]);
+  }
+}
+
+// out = Σ_c partial[c·stride + i] over the chunks c in order, for i < length: a gradient
+// summed over chunks element by element (the same sums whatever splits the work).
+template <typename T>
+void sum_chunks(const T* partial, int64_t chunks, int64_t stride, int64_t length, T* out) {
+#pragma omp simd
+  for (int64_t i = 0; i < length; ++i) out[i] = partial[i];
+  for (int64_t c = 1; c < chunks; ++c)
+#pragma omp simd
+    for (int64_t i = 0; i < length; ++i) out[i] += partial[c * stride + i];
+}
+
 // The tiles' elementwise passes are most of the time outside BLAS: compile the tile code (and
 // the weight norm) for wider vector units as well and pick the version at load time (function multiversioning), so
 // that one build runs everywhere. `flatten` inlines the templates into each version.
@@ -832,6 +863,13 @@ void weight_norm(int64_t out, int64_t in, const T* V, const T* g, T* scale, T* W
   }                                                                                                         \
   RGF_TILE_CODE void run_weight_norm(int64_t out, int64_t in, const T* V, const T* g, T* scale, T* W, T* Wt) { \
     weight_norm(out, in, V, g, scale, W, Wt);                                                              \
+  }                                                                                                         \
+  RGF_TILE_CODE void run_weight_norm_backward(int64_t out, int64_t in, const T* V, const T* g, const T* dW, T* dV, \
+                                              T* dg) {                                                      \
+    weight_norm_backward(out, in, V, g, dW, dV, dg);                                                       \
+  }                                                                                                         \
+  RGF_TILE_CODE void run_sum_chunks(const T* partial, int64_t chunks, int64_t stride, int64_t length, T* out) { \
+    sum_chunks(partial, chunks, stride, length, out);                                                      \
   }
 RGF_TILE_ENTRY_POINTS(float)
 RGF_TILE_ENTRY_POINTS(double)
@@ -978,26 +1016,6 @@ std::tuple<Tensor, Tensor, Tensor> layer_forward(const Tensor& u_in, const Tenso
   return {y.view(u_in.sizes()), ldj_out, acts};
 }
 
-// Back from W = g ⊙ V / ‖V‖_row to the weight-norm parameters of one linear layer (out × in):
-// with n = ‖V_o‖ and V̂ = V_o / n, dg_o = Σ_j dW_oj V̂_oj and dV_o = (g_o / n)(dW_o − dg_o V̂_o).
-template <typename T>
-void weight_norm_backward(int64_t out, int64_t in, const T* V, const T* g, const T* dW, T* dV, T* dg) {
-  for (int64_t o = 0; o < out; ++o) {
-    const T* v = V + o * in;
-    const T* dw = dW + o * in;
-    T sq = 0, dot = 0;
-#pragma omp simd reduction(+ : sq, dot)
-    for (int64_t j = 0; j < in; ++j) {
-      sq += v[j] * v[j];
-      dot += dw[j] * v[j];
-    }
-    const T norm = std::sqrt(sq), dgo = dot / norm, scale = g[o] / norm, along = dgo / norm;
-    dg[o] = dgo;
-#pragma omp simd
-    for (int64_t j = 0; j < in; ++j) dV[o * in + j] = scale * (dw[j] - along * v[j]);
-  }
-}
-
 std::tuple<Tensor, std::vector<Tensor>> layer_backward(const Tensor& u_in, const Tensor& acts, at::TensorList params_in,
                                                        const Tensor& grad_y_in, const Tensor& grad_ldj, int64_t n_mlp,
                                                        bool inverse) {
@@ -1053,17 +1071,12 @@ std::tuple<Tensor, std::vector<Tensor>> layer_backward(const Tensor& u_in, const
     const int64_t per_net = static_cast<int64_t>(params.size()) / 2, n_linear = s.n_res * (n_mlp + 1);
     grads.resize(params.size());
     for (size_t i = 0; i < params.size(); ++i) grads[i] = at::empty(params_in[i].sizes(), u.options());
-    // Each gradient summed over chunks in order, element by element (the same sums whatever
-    // splits the work), one task per linear layer; dW straight on to V and g.
+    // Each gradient summed over the chunks, one task per linear layer; dW straight on to V and g.
     auto chunk_sum = [&](int64_t offset, int64_t length, T* out) {
-      for (int64_t i = 0; i < length; ++i) {
-        T sum = 0;
-        for (int64_t c = 0; c < chunks; ++c) sum += partial[c * gl.size + offset + i];
-        out[i] = sum;
-      }
+      run_sum_chunks(partial + offset, chunks, gl.size, length, out);
     };
     at::parallel_for(0, 2 * (n_linear + 1), 1, [&](int64_t k0, int64_t k1) {
-      std::vector<T> dW(p.max_width() * p.max_width());
+      T* dW = chunks > 1 ? thread_scratch<T, kWork>(p.max_width() * p.max_width()) : nullptr;
       for (int64_t k = k0; k < k1; ++k) {
         const int64_t n = k / (n_linear + 1), l = k % (n_linear + 1), base = n * per_net + 4 * l;
         if (l == n_linear) {  // σ
@@ -1073,9 +1086,13 @@ std::tuple<Tensor, std::vector<Tensor>> layer_backward(const Tensor& u_in, const
         const int64_t w_in = p.in_width(l % (n_mlp + 1)), w_out = p.out_width(l % (n_mlp + 1));
         chunk_sum(gl.beta[n][l], w_in, grads[base].data_ptr<T>());
         chunk_sum(gl.b[n][l], w_out, grads[base + 3].data_ptr<T>());
-        chunk_sum(gl.W[n][l], w_out * w_in, dW.data());
-        weight_norm_backward(w_out, w_in, params[base + 1].data_ptr<T>(), params[base + 2].data_ptr<T>(), dW.data(),
-                             grads[base + 1].data_ptr<T>(), grads[base + 2].data_ptr<T>());
+        const T* dW_sum = partial + gl.W[n][l];  // a single chunk holds the sum
+        if (dW) {
+          chunk_sum(gl.W[n][l], w_out * w_in, dW);
+          dW_sum = dW;
+        }
+        run_weight_norm_backward(w_out, w_in, params[base + 1].data_ptr<T>(), params[base + 2].data_ptr<T>(), dW_sum,
+                                 grads[base + 1].data_ptr<T>(), grads[base + 2].data_ptr<T>());
       }
     });
   });
