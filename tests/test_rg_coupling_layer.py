@@ -19,9 +19,18 @@ from rgflow_fast.model import CouplingLayer
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-4}
 
 
+def perturbed_layer(D, hidden, n_mlp, n_res, generator, dtype=torch.float32):
+    """A coupling layer with σ, β, V, g, b all perturbed, so that no part is the identity."""
+    layer = CouplingLayer(D, hidden, n_mlp, n_res).to(dtype)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=generator, dtype=dtype))
+    return layer
+
+
 def random_case(dtype, generator, small=False):
-    """A random layer (σ, β, V, g, b all perturbed so that no part is the identity), its input
-    ``u (B·P, C, k, k)`` (non-contiguous) and running log-det ``ldj (B,)``."""
+    """A random perturbed_layer, its input ``u (B·P, C, k, k)`` (non-contiguous) and running
+    log-det ``ldj (B,)``."""
 
     def pick(options):
         return options[int(torch.randint(len(options), (1,), generator=generator))]
@@ -30,10 +39,7 @@ def random_case(dtype, generator, small=False):
     n_res, n_mlp = pick([0, 1, 2, 3, 4] if not small else [0, 1, 2]), pick([1, 2, 3])
     hidden = pick([3, 5, 13, 21] if small else [3, 13, 37, 61])
     B, P = pick([1, 2, 3]), pick([1, 3, 5, 7] if small else [1, 5, 21, 37])
-    layer = CouplingLayer(C * k * k, hidden, n_mlp, n_res).to(dtype)
-    with torch.no_grad():
-        for p in layer.parameters():
-            p.add_(0.3 * torch.randn(p.shape, generator=generator, dtype=dtype))
+    layer = perturbed_layer(C * k * k, hidden, n_mlp, n_res, generator, dtype)
     u = torch.randn(B * P, C, k, k, generator=generator, dtype=dtype).transpose(2, 3)
     ldj = torch.randn(B, generator=generator, dtype=dtype)
     return layer, u, ldj
@@ -94,10 +100,7 @@ def test_cpp_results_do_not_depend_on_thread_count_or_run(seed, rows, batch, inv
     cpp_available()
     g = torch.Generator().manual_seed(seed)
     # several tiles and several gradient chunks
-    layer = CouplingLayer(48, 40, 2, 2)
-    with torch.no_grad():
-        for p in layer.parameters():
-            p.add_(0.3 * torch.randn(p.shape, generator=g))
+    layer = perturbed_layer(48, 40, 2, 2, g)
     u, ldj = torch.randn(rows, 3, 4, 4, generator=g), torch.randn(batch, generator=g)
     threads = torch.get_num_threads()
     results = {}
@@ -124,10 +127,7 @@ def test_cpp_gradient_chunks_of_several_tiles_match_reference(seed, dtype, inver
     ops = cpp_available()
     g = torch.Generator().manual_seed(seed)
     P = int(torch.randint(61, 120, (1,), generator=g))  # 9 · P rows: 9 to 17 tiles of 64
-    layer = CouplingLayer(12, 13, 2, 2).to(dtype)
-    with torch.no_grad():
-        for p in layer.parameters():
-            p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=dtype))
+    layer = perturbed_layer(12, 13, 2, 2, g, dtype)
     u = torch.randn(9 * P, 3, 2, 2, generator=g, dtype=dtype)
     ldj = torch.randn(9, generator=g, dtype=dtype)
     with rf.use_backend("torch"):
@@ -203,10 +203,7 @@ def test_cpp_saved_activations_reuse_freed_blocks_within_the_peak(seed):
     from rgflow_fast import cpp_ops
 
     g = torch.Generator().manual_seed(seed)
-    layer = CouplingLayer(48, 40, 2, 2)
-    with torch.no_grad():
-        for p in layer.parameters():
-            p.add_(0.3 * torch.randn(p.shape, generator=g))
+    layer = perturbed_layer(48, 40, 2, 2, g)
     params = layer.op_parameters()
 
     def acts_bytes(rows):  # per row: both steps' x, z_0..z_2 per net, 2·2 hidden pre-activations
