@@ -328,7 +328,8 @@ void avx2_scaled_transpose(int64_t out, int64_t in, const float* V, const float*
   for (int64_t o = 0; o < out8; o += 8) {
     for (int64_t j = 0; j < in8; j += 8) {
       __m256 r[8], t[8];
-      for (int i = 0; i < 8; ++i) r[i] = _mm256_mul_ps(_mm256_loadu_ps(V + (o + i) * in + j), _mm256_set1_ps(scale[o + i]));
+      for (int i = 0; i < 8; ++i)
+        r[i] = _mm256_mul_ps(_mm256_loadu_ps(V + (o + i) * in + j), _mm256_set1_ps(scale[o + i]));
       for (int i = 0; i < 8; i += 2) {  // t[i] = r[i], r[i+1] interleaved, per 128-bit half
         t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
         t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);

@@ -25,7 +25,8 @@ import torch
 
 from . import _extension, backends, coupling_layer, reference
 
-__all__ = ["ExtensionBackend", "DEVICE_KINDS", "cpp", "cuda", "activation_cache", "empty_activation_cache"]
+__all__ = ["ExtensionBackend", "DEVICE_KINDS", "cpp", "cuda",
+           "activation_cache", "empty_activation_cache"]
 
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -99,9 +100,11 @@ cuda = ExtensionBackend("cuda")
 
 
 def _activation_cache(release: bool) -> dict:
-    if cpp.unavailable_reason() is not None:
+    try:  # nothing is cached before the extension has loaded, and asking must not build it
+        op = torch.ops.rgflow_fast.rg_coupling_layer_cpu_activation_cache
+    except AttributeError:
         return {"live": 0, "kept": 0}
-    live, kept = torch.ops.rgflow_fast.rg_coupling_layer_cpu_activation_cache(release)
+    live, kept = op(release)
     return {"live": live, "kept": kept}
 
 
@@ -112,7 +115,7 @@ def activation_cache() -> dict:
     A training step frees them after its backward and the next one allocates the same sizes
     again; the layer keeps the freed blocks and reuses them, since fresh pages from the system
     cost a page fault per 4 KiB. Live plus kept never exceeds the most ever live at once. All
-    zero where the extension is unavailable."""
+    zero before the extension has loaded."""
     return _activation_cache(False)
 
 
