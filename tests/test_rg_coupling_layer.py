@@ -1,13 +1,17 @@
 """The fused coupling layer, rg_coupling_layer (rgflow_fast/coupling_layer.py,
 csrc/rg_coupling_layer.cpp): values and every gradient against the reference on random layer
 shapes, forward and inverse, stored or recomputed activations; results independent of the
-thread count; what the recompute mode keeps; torch.compile and opcheck; input validation.
+thread count; what the recompute mode keeps; the reuse of saved activations' blocks;
+torch.compile and opcheck; input validation.
 
 Tolerances against the float64/float32 reference: float64 within 1e-10 (relative to each
 output's largest magnitude); float32 within 2e-4 of it (the tiled BLAS products sum in another
 order than torch's, over up to 2·n_res·(n_mlp + 1) chained products).
 The Triton kernels' own tests (precision modes, AOT) are in test_rg_coupling_layer_triton.py.
 """
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -232,6 +236,14 @@ def test_cpp_saved_activations_reuse_freed_blocks_within_the_peak(seed):
     assert cpp_ops.activation_cache() == {"live": live, "kept": acts_bytes(150)}
     assert cpp_ops.empty_activation_cache() == acts_bytes(150)
     assert cpp_ops.activation_cache() == {"live": live, "kept": 0}
+
+
+def test_activation_cache_queries_neither_build_nor_load_the_extension():
+    code = ("import torch; from rgflow_fast import cpp_ops; "
+            "print(cpp_ops.activation_cache() == {'live': 0, 'kept': 0}, cpp_ops.empty_activation_cache(), "
+            "hasattr(torch.ops.rgflow_fast, 'rg_coupling_layer'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["True", "0", "False"]
 
 
 def test_cpp_no_grad_saves_nothing(seed):
