@@ -402,6 +402,7 @@ enum Slot {
   kRowsOrChunks, // forward: per-row log-dets; backward: the chunks' gradient sums
   kWork,         // each worker's tile work buffers; backward, after the tiles: a dW summed over chunks
   kRecord,       // each worker's tile activations when they are not stored
+  kNetWork,      // the work buffers of one net when a tile's two nets run on two threads
   kRowGrad,      // backward: the log-det gradient per row
   kUnusedY,      // backward recompute: the forward's outputs, not needed
   kUnusedLdj,
@@ -503,9 +504,10 @@ inline T sigmoid(T x) {
 // order): the step's input x; per net, the residual stream z_0 … z_R (z_0 = the masked input,
 // z_R = R(v)) and the hidden pre-activations h_{r,1} … h_{r,n_mlp}.
 //
-// A rolling layout (inference: nothing is kept for a backward) gives the same segments five
-// slots of max(D, H) columns that they share as soon as a value is dead: x and every h one
-// slot, each net's z_r two slots by the parity of r. A tile's activations then stay in cache.
+// A rolling layout (inference: nothing is kept for a backward) gives the same segments six
+// slots of max(D, H) columns that they share as soon as a value is dead: x and the S net's h
+// one slot, the T net's h one (so that the two nets can run at once), each net's z_r two slots
+// by the parity of r. A tile's activations then stay in cache.
 struct Layout {
   int64_t D, H, n_res, n_mlp, per_net, per_step, row_width;
   std::vector<int64_t> offset, width;
@@ -515,7 +517,7 @@ struct Layout {
     per_net = (n_res + 1) + n_res * n_mlp;
     per_step = 1 + 2 * per_net;
     const int64_t slot = std::max(D, H);
-    row_width = rolling ? 5 * slot : 0;
+    row_width = rolling ? 6 * slot : 0;
     for (int64_t s = 0; s < 2 * per_step; ++s) {
       const int64_t local = s % per_step, in_net = local == 0 ? -1 : (local - 1) % per_net;
       const int64_t w = (local == 0 || in_net <= n_res) ? D : H;
@@ -525,7 +527,7 @@ struct Layout {
         row_width += w;
       } else {
         const int64_t net = local == 0 ? 0 : (local - 1) / per_net;
-        offset.push_back(local == 0 || in_net > n_res ? 0 : slot * (1 + 2 * net + in_net % 2));
+        offset.push_back(local == 0 ? 0 : in_net > n_res ? slot * 5 * net : slot * (1 + 2 * net + in_net % 2));
       }
     }
   }
@@ -593,65 +595,65 @@ void swish(int64_t rows, int64_t w, T* h, const T* bias, const T* beta, T* a, T*
 
 // ---------------------------------------------------------------------------------- forward
 
-// Runs the layer on `rows` rows u (ld D), writing y, the two steps' per-row log-dets
-// (ldj_rows, rows × 2) and every activation into `rec`. `work`: 3 · rows · max_width.
+// One net of step st on a tile of `rows` rows whose step input is `cur` (ld D): z_0 = the
+// masked input, then each residual block; every z_r and h into `rec`. A, out: rows ·
+// max_width each.
 template <typename T>
-void tile_forward(const Problem<T>& p, const Record<T>& rec, int64_t rows, const T* u, T* y, T* ldj_rows, T* work) {
+void net_forward(const Problem<T>& p, const Record<T>& rec, int64_t rows, int64_t st, int64_t n, const T* cur, T* A,
+                 T* out) {
   const Layout& L = p.L;
-  const int64_t D = L.D, H = L.H, mw = p.max_width();
+  const int64_t D = L.D, H = L.H;
   const T inv_sqrt2 = T(1) / std::sqrt(T(2));
-  T* cur = work;
-  T* A = cur + rows * mw;
-  T* out = A + rows * mw;
-  std::copy(u, u + rows * D, cur);
-  for (int64_t st = 0; st < 2; ++st) {
-    const uint8_t* tr = p.transformed[p.parity(st)].data();
-    std::copy(cur, cur + rows * D, rec(L.x(st)));
-    for (int64_t n = 0; n < 2; ++n) {
-      const Net<T>& net = p.net[n];
-      T* z = rec(L.z(st, n, 0));
-      for (int64_t row = 0; row < rows; ++row) {
+  const uint8_t* tr = p.transformed[p.parity(st)].data();
+  const Net<T>& net = p.net[n];
+  T* z = rec(L.z(st, n, 0));
+  for (int64_t row = 0; row < rows; ++row) {
 #pragma omp simd
-        for (int64_t j = 0; j < D; ++j) z[row * D + j] = tr[j] ? T(0) : cur[row * D + j];
-      }
-      for (int64_t r = 0; r < L.n_res; ++r) {
-        const int64_t l0 = r * (L.n_mlp + 1);
-        swish<T>(rows, D, z, nullptr, net.beta[l0], A, nullptr);
-        for (int64_t i = 1; i <= L.n_mlp; ++i) {
-          T* h = rec(L.h(st, n, r, i));
-          product<T>(p.products, rows, H, p.in_width(i - 1), A, p.in_width(i - 1), 1, net.Wt[l0 + i - 1], H, h, H,
-                     false, nullptr);
-          swish<T>(rows, H, h, net.b[l0 + i - 1], net.beta[l0 + i], A, nullptr);
-        }
-        product<T>(p.products, rows, D, H, A, H, 1, net.Wt[l0 + L.n_mlp], D, out, D, false, nullptr);
-        T* z_next = rec(L.z(st, n, r + 1));
-        const T* b = net.b[l0 + L.n_mlp];
-        for (int64_t row = 0; row < rows; ++row) {
-#pragma omp simd
-          for (int64_t j = 0; j < D; ++j)
-            z_next[row * D + j] = (z[row * D + j] + (out[row * D + j] + b[j])) * inv_sqrt2;
-        }
-        z = z_next;
-      }
-    }
-    const T* zs = rec(L.z(st, 0, L.n_res));
-    const T* zt = rec(L.z(st, 1, L.n_res));
-    const T* sig_s = p.net[0].sigma;
-    const T* sig_t = p.net[1].sigma;
-    for (int64_t row = 0; row < rows; ++row) {
-      T acc = 0;
-      for (int64_t j = 0; j < D; ++j) {
-        if (!tr[j]) continue;
-        const int64_t i = row * D + j;
-        const T s = Math<T>::tanh(sig_s[j] * zs[i]);
-        const T t = sig_t[j] * zt[i];
-        cur[i] = p.inverse ? (cur[i] - t) * Math<T>::exp(-s) : cur[i] * Math<T>::exp(s) + t;
-        acc += s;
-      }
-      ldj_rows[row * 2 + st] = p.inverse ? -acc : acc;
-    }
+    for (int64_t j = 0; j < D; ++j) z[row * D + j] = tr[j] ? T(0) : cur[row * D + j];
   }
-  std::copy(cur, cur + rows * D, y);
+  for (int64_t r = 0; r < L.n_res; ++r) {
+    const int64_t l0 = r * (L.n_mlp + 1);
+    swish<T>(rows, D, z, nullptr, net.beta[l0], A, nullptr);
+    for (int64_t i = 1; i <= L.n_mlp; ++i) {
+      T* h = rec(L.h(st, n, r, i));
+      product<T>(p.products, rows, H, p.in_width(i - 1), A, p.in_width(i - 1), 1, net.Wt[l0 + i - 1], H, h, H, false,
+                 nullptr);
+      swish<T>(rows, H, h, net.b[l0 + i - 1], net.beta[l0 + i], A, nullptr);
+    }
+    product<T>(p.products, rows, D, H, A, H, 1, net.Wt[l0 + L.n_mlp], D, out, D, false, nullptr);
+    T* z_next = rec(L.z(st, n, r + 1));
+    const T* b = net.b[l0 + L.n_mlp];
+    for (int64_t row = 0; row < rows; ++row) {
+#pragma omp simd
+      for (int64_t j = 0; j < D; ++j) z_next[row * D + j] = (z[row * D + j] + (out[row * D + j] + b[j])) * inv_sqrt2;
+    }
+    z = z_next;
+  }
+}
+
+// The coupling of step st on a tile, once both nets have run: cur (rows × D) in place, the
+// step's per-row log-dets into ldj_rows (rows × 2).
+template <typename T>
+void coupling_forward(const Problem<T>& p, const Record<T>& rec, int64_t rows, int64_t st, T* cur, T* ldj_rows) {
+  const Layout& L = p.L;
+  const int64_t D = L.D;
+  const uint8_t* tr = p.transformed[p.parity(st)].data();
+  const T* zs = rec(L.z(st, 0, L.n_res));
+  const T* zt = rec(L.z(st, 1, L.n_res));
+  const T* sig_s = p.net[0].sigma;
+  const T* sig_t = p.net[1].sigma;
+  for (int64_t row = 0; row < rows; ++row) {
+    T acc = 0;
+    for (int64_t j = 0; j < D; ++j) {
+      if (!tr[j]) continue;
+      const int64_t i = row * D + j;
+      const T s = Math<T>::tanh(sig_s[j] * zs[i]);
+      const T t = sig_t[j] * zt[i];
+      cur[i] = p.inverse ? (cur[i] - t) * Math<T>::exp(-s) : cur[i] * Math<T>::exp(s) + t;
+      acc += s;
+    }
+    ldj_rows[row * 2 + st] = p.inverse ? -acc : acc;
+  }
 }
 
 // --------------------------------------------------------------------------------- backward
@@ -853,9 +855,13 @@ void sum_chunks(const T* partial, int64_t chunks, int64_t stride, int64_t length
 #endif
 
 #define RGF_TILE_ENTRY_POINTS(T)                                                                            \
-  RGF_TILE_CODE void run_tile_forward(const Problem<T>& p, const Record<T>& rec, int64_t rows, const T* u, T* y, \
-                                      T* ldj_rows, T* work) {                                              \
-    tile_forward(p, rec, rows, u, y, ldj_rows, work);                                                      \
+  RGF_TILE_CODE void run_net_forward(const Problem<T>& p, const Record<T>& rec, int64_t rows, int64_t st,    \
+                                     int64_t n, const T* cur, T* A, T* out) {                              \
+    net_forward(p, rec, rows, st, n, cur, A, out);                                                         \
+  }                                                                                                         \
+  RGF_TILE_CODE void run_coupling_forward(const Problem<T>& p, const Record<T>& rec, int64_t rows, int64_t st, \
+                                          T* cur, T* ldj_rows) {                                           \
+    coupling_forward(p, rec, rows, st, cur, ldj_rows);                                                     \
   }                                                                                                         \
   RGF_TILE_CODE void run_tile_backward(const Problem<T>& p, const GradLayout& gl, const Record<T>& rec,      \
                                        int64_t rows, const T* grad_y, const T* gl_rows, T* grad_u, T* acc,   \
@@ -874,6 +880,31 @@ void sum_chunks(const T* partial, int64_t chunks, int64_t stride, int64_t length
   }
 RGF_TILE_ENTRY_POINTS(float)
 RGF_TILE_ENTRY_POINTS(double)
+
+// Runs the layer on `rows` rows u (ld D), writing y, the two steps' per-row log-dets
+// (ldj_rows, rows × 2) and every activation into `rec`. `work`: 3 · rows · max_width. With
+// `nets_apart` the S and T nets of a step run on two threads, each with its own work buffers
+// (for a layer of a single tile, which would otherwise run on one).
+template <typename T>
+void tile_forward(const Problem<T>& p, const Record<T>& rec, int64_t rows, const T* u, T* y, T* ldj_rows, T* work,
+                  bool nets_apart = false) {
+  const int64_t D = p.L.D, mw = p.max_width();
+  T* cur = work;
+  std::copy(u, u + rows * D, cur);
+  for (int64_t st = 0; st < 2; ++st) {
+    std::copy(cur, cur + rows * D, rec(p.L.x(st)));
+    if (nets_apart) {
+      at::parallel_for(0, 2, 1, [&](int64_t n0, int64_t n1) {
+        T* net_work = thread_scratch<T, kNetWork>(2 * rows * mw);
+        for (int64_t n = n0; n < n1; ++n) run_net_forward(p, rec, rows, st, n, cur, net_work, net_work + rows * mw);
+      });
+    } else {
+      for (int64_t n = 0; n < 2; ++n) run_net_forward(p, rec, rows, st, n, cur, work + rows * mw, work + 2 * rows * mw);
+    }
+    run_coupling_forward(p, rec, rows, st, cur, ldj_rows);
+  }
+  std::copy(cur, cur + rows * D, y);
+}
 
 // ------------------------------------------------------------------------------ the ops
 
@@ -990,16 +1021,22 @@ std::tuple<Tensor, Tensor, Tensor> layer_forward(const Tensor& u_in, const Tenso
     const scalar_t* u_ptr = u.data_ptr<scalar_t>();
     scalar_t* y_ptr = y.data_ptr<scalar_t>();
     scalar_t* acts_ptr = store ? acts.data_ptr<scalar_t>() : nullptr;
-    at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    // a single tile runs its two nets on two threads instead
+    const bool nets_apart = tiles == 1 && at::get_num_threads() > 1 && !at::in_parallel_region();
+    auto run_tiles = [&](int64_t t0, int64_t t1) {
       scalar_t* work = thread_scratch<scalar_t, kWork>(3 * tile * p.max_width());
       scalar_t* scratch = store ? nullptr : thread_scratch<scalar_t, kRecord>(tile * rolling.row_width);
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t r0 = t * tile, rows = std::min(tile, s.N - r0);
         const Record<scalar_t> rec = store ? Record<scalar_t>{acts_ptr, s.N, r0, &p.L}
                                            : Record<scalar_t>{scratch, rows, 0, &rolling};
-        run_tile_forward(p, rec, rows, u_ptr + r0 * s.D, y_ptr + r0 * s.D, rows_ldj + r0 * 2, work);
+        tile_forward(p, rec, rows, u_ptr + r0 * s.D, y_ptr + r0 * s.D, rows_ldj + r0 * 2, work, nets_apart);
       }
-    });
+    };
+    if (nets_apart)
+      run_tiles(0, 1);
+    else
+      at::parallel_for(0, tiles, 1, run_tiles);
     // per image, step by step, in row order: the reference's summation order
     const Tensor ldj_c = ldj.contiguous();
     const scalar_t* ldj_in = ldj_c.data_ptr<scalar_t>();
@@ -1061,7 +1098,7 @@ std::tuple<Tensor, std::vector<Tensor>> layer_backward(const Tensor& u_in, const
           Record<T> rec{acts_ptr, s.N, r0, &p.L};
           if (!stored) {
             rec = Record<T>{scratch, rows, 0, &p.L};
-            run_tile_forward(p, rec, rows, u_ptr + r0 * s.D, y_unused, ldj_unused, work);
+            tile_forward(p, rec, rows, u_ptr + r0 * s.D, y_unused, ldj_unused, work);
           }
           run_tile_backward(p, gl, rec, rows, gy_ptr + r0 * s.D, row_gl + r0, gu_ptr + r0 * s.D, acc, work,
                             t == first);

@@ -97,7 +97,7 @@ def cpp_available():
     return torch.ops.rgflow_fast
 
 
-@pytest.mark.parametrize("rows, batch", [(1000, 8), (150, 6)])  # tiles of 64 rows; of 32 below 256
+@pytest.mark.parametrize("rows, batch", [(1000, 8), (150, 6), (20, 4)])  # tiles of 64 rows; of 32; one
 @pytest.mark.parametrize("inverse", [False, True])
 @pytest.mark.parametrize("recompute", [False, True])
 def test_cpp_results_do_not_depend_on_thread_count_or_run(seed, rows, batch, inverse, recompute):
