@@ -400,7 +400,7 @@ void product(Products how, int64_t M, int64_t N, int64_t K, const T* A, int64_t 
 enum Slot {
   kWeights,      // the calling thread's W and Wt (make_problem)
   kRowsOrChunks, // forward: per-row log-dets; backward: the chunks' gradient sums
-  kWork,         // each worker's tile work buffers; backward, after the tiles: a dW summed over chunks
+  kWork,         // each worker's tile work buffers; backward, after the tiles: a gradient summed over chunks, and its dW unpermuted
   kRecord,       // each worker's tile activations when they are not stored
   kNetWork,      // the work buffers of one net when a tile's two nets run on two threads
   kRowGrad,      // backward: the log-det gradient per row
@@ -556,17 +556,34 @@ struct Net {
   const T* sigma;
 };
 
+// Features [begin, begin + count) of a row.
+struct Range {
+  int64_t begin, count;
+};
+
+// Inside a call the D features run permuted: first those the parity-0 step keeps, then those
+// it transforms, each group in its original order (perm[j'] = the original index of feature
+// j'). Each step's kept and transformed features are then one contiguous range (parity 1 swaps
+// them), so the products that see only one half run on that half: the first block's first
+// linear layer (its input, the masked x, is zero on the transformed half) and the last block's
+// last one (only the transformed half of R(v) is used). The skipped terms are zeros, so the
+// sums are those of the whole products.
 template <typename T>
 struct Problem {
   Layout L;
   Net<T> net[2];
-  std::vector<uint8_t> transformed[2];  // per parity, per feature: 1 where that step transforms
+  std::vector<int64_t> perm;
+  int64_t n_kept0;  // features the parity-0 step keeps
   bool inverse;
   Products products;
   int64_t in_width(int64_t i) const { return i == 0 ? L.D : L.H; }
   int64_t out_width(int64_t i) const { return i == L.n_mlp ? L.D : L.H; }
   int64_t max_width() const { return std::max(L.D, L.H); }
   int64_t parity(int64_t st) const { return inverse ? 1 - st : st; }
+  Range kept(int64_t st) const { return parity(st) == 0 ? Range{0, n_kept0} : Range{n_kept0, L.D - n_kept0}; }
+  Range transformed(int64_t st) const {
+    return parity(st) == 0 ? Range{n_kept0, L.D - n_kept0} : Range{0, n_kept0};
+  }
 };
 
 // a = swish(h) = h·σ(β h) over a (rows × w) block; with bias, h += b first (in place); with
@@ -604,28 +621,34 @@ void net_forward(const Problem<T>& p, const Record<T>& rec, int64_t rows, int64_
   const Layout& L = p.L;
   const int64_t D = L.D, H = L.H;
   const T inv_sqrt2 = T(1) / std::sqrt(T(2));
-  const uint8_t* tr = p.transformed[p.parity(st)].data();
+  const Range tr = p.transformed(st), kp = p.kept(st);
   const Net<T>& net = p.net[n];
   T* z = rec(L.z(st, n, 0));
-  for (int64_t row = 0; row < rows; ++row) {
-#pragma omp simd
-    for (int64_t j = 0; j < D; ++j) z[row * D + j] = tr[j] ? T(0) : cur[row * D + j];
-  }
+  std::copy(cur, cur + rows * D, z);
+  for (int64_t row = 0; row < rows; ++row) std::fill_n(z + row * D + tr.begin, tr.count, T(0));
   for (int64_t r = 0; r < L.n_res; ++r) {
     const int64_t l0 = r * (L.n_mlp + 1);
     swish<T>(rows, D, z, nullptr, net.beta[l0], A, nullptr);
     for (int64_t i = 1; i <= L.n_mlp; ++i) {
       T* h = rec(L.h(st, n, r, i));
-      product<T>(p.products, rows, H, p.in_width(i - 1), A, p.in_width(i - 1), 1, net.Wt[l0 + i - 1], H, h, H, false,
-                 nullptr);
+      const int64_t w = p.in_width(i - 1);
+      if (i == 1 && r == 0)  // the masked input: its kept half only
+        product<T>(p.products, rows, H, kp.count, A + kp.begin, w, 1, net.Wt[l0] + kp.begin * H, H, h, H, false,
+                   nullptr);
+      else
+        product<T>(p.products, rows, H, w, A, w, 1, net.Wt[l0 + i - 1], H, h, H, false, nullptr);
       swish<T>(rows, H, h, net.b[l0 + i - 1], net.beta[l0 + i], A, nullptr);
     }
-    product<T>(p.products, rows, D, H, A, H, 1, net.Wt[l0 + L.n_mlp], D, out, D, false, nullptr);
+    // R(v)'s transformed half only (its kept half is never read)
+    const Range cols = r == L.n_res - 1 ? tr : Range{0, D};
+    product<T>(p.products, rows, cols.count, H, A, H, 1, net.Wt[l0 + L.n_mlp] + cols.begin, D, out + cols.begin, D,
+               false, nullptr);
     T* z_next = rec(L.z(st, n, r + 1));
     const T* b = net.b[l0 + L.n_mlp];
     for (int64_t row = 0; row < rows; ++row) {
 #pragma omp simd
-      for (int64_t j = 0; j < D; ++j) z_next[row * D + j] = (z[row * D + j] + (out[row * D + j] + b[j])) * inv_sqrt2;
+      for (int64_t j = cols.begin; j < cols.begin + cols.count; ++j)
+        z_next[row * D + j] = (z[row * D + j] + (out[row * D + j] + b[j])) * inv_sqrt2;
     }
     z = z_next;
   }
@@ -637,15 +660,14 @@ template <typename T>
 void coupling_forward(const Problem<T>& p, const Record<T>& rec, int64_t rows, int64_t st, T* cur, T* ldj_rows) {
   const Layout& L = p.L;
   const int64_t D = L.D;
-  const uint8_t* tr = p.transformed[p.parity(st)].data();
+  const Range tr = p.transformed(st);
   const T* zs = rec(L.z(st, 0, L.n_res));
   const T* zt = rec(L.z(st, 1, L.n_res));
   const T* sig_s = p.net[0].sigma;
   const T* sig_t = p.net[1].sigma;
   for (int64_t row = 0; row < rows; ++row) {
     T acc = 0;
-    for (int64_t j = 0; j < D; ++j) {
-      if (!tr[j]) continue;
+    for (int64_t j = tr.begin; j < tr.begin + tr.count; ++j) {
       const int64_t i = row * D + j;
       const T s = Math<T>::tanh(sig_s[j] * zs[i]);
       const T t = sig_t[j] * zt[i];
@@ -705,9 +727,10 @@ void tile_backward(const Problem<T>& p, const GradLayout& gl_layout, const Recor
   T* DP = g + 5 * rows * mw;   // grad of a pre-activation
   T* DA = g + 6 * rows * mw;   // grad of a Swish output
   T* T_scratch = g + 7 * rows * mw;  // DPᵀ, for the kernels that read it row-major
-  std::copy(grad_y, grad_y + rows * D, g);
+  for (int64_t row = 0; row < rows; ++row)
+    for (int64_t j = 0; j < D; ++j) g[row * D + j] = grad_y[row * D + p.perm[j]];
   for (int64_t st = 1; st >= 0; --st) {
-    const uint8_t* tr = p.transformed[p.parity(st)].data();
+    const Range tr = p.transformed(st), kp = p.kept(st);
     const T* x = rec(L.x(st));
     const T* zs = rec(L.z(st, 0, L.n_res));
     const T* zt = rec(L.z(st, 1, L.n_res));
@@ -716,12 +739,10 @@ void tile_backward(const Problem<T>& p, const GradLayout& gl_layout, const Recor
     T* dsig_s = acc + gl_layout.sigma[0];
     T* dsig_t = acc + gl_layout.sigma[1];
     for (int64_t row = 0; row < rows; ++row) {
-      for (int64_t j = 0; j < D; ++j) {
+      std::fill_n(gnet[0] + row * D + kp.begin, kp.count, T(0));
+      std::fill_n(gnet[1] + row * D + kp.begin, kp.count, T(0));
+      for (int64_t j = tr.begin; j < tr.begin + tr.count; ++j) {
         const int64_t i = row * D + j;
-        if (!tr[j]) {
-          gnet[0][i] = gnet[1][i] = T(0);
-          continue;
-        }
         const T s = Math<T>::tanh(sig_s[j] * zs[i]);
         const T dtanh = T(1) - s * s;
         T g_s, g_t;
@@ -762,10 +783,26 @@ void tile_backward(const Problem<T>& p, const GradLayout& gl_layout, const Recor
 #pragma omp simd
             for (int64_t j = 0; j < w_out; ++j) db[j] += DP[row * w_out + j];
           }
-          // dW (out×in) += DPᵀ · A, then DA = DP · W
-          product<T>(p.products, w_out, w_in, rows, DP, 1, w_out, A, w_in, acc + gl_layout.W[n][l], w_in,
-                     !(fresh && st == 1), T_scratch);
-          product<T>(p.products, rows, w_in, w_out, DP, w_out, 1, net.W[l], w_in, DA, w_in, false, nullptr);
+          // dW (out×in) += DPᵀ · A, then DA = DP · W. The half products (Problem): the last
+          // linear layer's DP is zero outside the transformed half, the first one's A outside
+          // the kept half; the two steps' halves of that dW are disjoint, so a fresh chunk's
+          // first tile writes each in its own step.
+          T* dW = acc + gl_layout.W[n][l];
+          if (i == L.n_mlp && r == L.n_res - 1) {
+            product<T>(p.products, tr.count, w_in, rows, DP + tr.begin, 1, w_out, A, w_in, dW + tr.begin * w_in, w_in,
+                       !fresh, T_scratch);
+            product<T>(p.products, rows, w_in, tr.count, DP + tr.begin, w_out, 1, net.W[l] + tr.begin * w_in, w_in, DA,
+                       w_in, false, nullptr);
+          } else if (i == 0 && r == 0) {
+            product<T>(p.products, w_out, kp.count, rows, DP, 1, w_out, A + kp.begin, w_in, dW + kp.begin, w_in, !fresh,
+                       T_scratch);
+            product<T>(p.products, rows, kp.count, w_out, DP, w_out, 1, net.W[l] + kp.begin, w_in, DA + kp.begin, w_in,
+                       false, nullptr);
+            for (int64_t row = 0; row < rows; ++row) std::fill_n(DA + row * w_in + tr.begin, tr.count, T(0));
+          } else {
+            product<T>(p.products, w_out, w_in, rows, DP, 1, w_out, A, w_in, dW, w_in, !(fresh && st == 1), T_scratch);
+            product<T>(p.products, rows, w_in, w_out, DP, w_out, 1, net.W[l], w_in, DA, w_in, false, nullptr);
+          }
           T* dbeta = acc + gl_layout.beta[n][l];
           for (int64_t row = 0; row < rows; ++row) {
 #pragma omp simd
@@ -781,11 +818,12 @@ void tile_backward(const Problem<T>& p, const GradLayout& gl_layout, const Recor
       }
       for (int64_t row = 0; row < rows; ++row) {  // v = (1 - m) ⊙ x
 #pragma omp simd
-        for (int64_t j = 0; j < D; ++j) g[row * D + j] += tr[j] ? T(0) : gz[row * D + j];
+        for (int64_t j = kp.begin; j < kp.begin + kp.count; ++j) g[row * D + j] += gz[row * D + j];
       }
     }
   }
-  std::copy(g, g + rows * D, grad_u);
+  for (int64_t row = 0; row < rows; ++row)
+    for (int64_t j = 0; j < D; ++j) grad_u[row * D + p.perm[j]] = g[row * D + j];
 }
 
 // W = g ⊙ V / ‖V‖_row of one linear layer (V: out × in) where W, and its transpose where Wt
@@ -890,7 +928,8 @@ void tile_forward(const Problem<T>& p, const Record<T>& rec, int64_t rows, const
                   bool nets_apart = false) {
   const int64_t D = p.L.D, mw = p.max_width();
   T* cur = work;
-  std::copy(u, u + rows * D, cur);
+  for (int64_t row = 0; row < rows; ++row)
+    for (int64_t j = 0; j < D; ++j) cur[row * D + j] = u[row * D + p.perm[j]];
   for (int64_t st = 0; st < 2; ++st) {
     std::copy(cur, cur + rows * D, rec(p.L.x(st)));
     if (nets_apart) {
@@ -903,7 +942,8 @@ void tile_forward(const Problem<T>& p, const Record<T>& rec, int64_t rows, const
     }
     run_coupling_forward(p, rec, rows, st, cur, ldj_rows);
   }
-  std::copy(cur, cur + rows * D, y);
+  for (int64_t row = 0; row < rows; ++row)
+    for (int64_t j = 0; j < D; ++j) y[row * D + p.perm[j]] = cur[row * D + j];
 }
 
 // ------------------------------------------------------------------------------ the ops
@@ -963,33 +1003,51 @@ Problem<T> make_problem(const Sizes& s, const std::vector<Tensor>& params, int64
   const Products products = std::is_same_v<T, float> ? float_products() : Products::kBlas;
   TORCH_CHECK(products != Products::kBlas || blas_gemm<T>() != nullptr,
               "rg_coupling_layer (cpu): this torch exports no BLAS gemm (sgemm_/dgemm_); use the 'torch' backend");
-  Problem<T> p{Layout(s.D, s.H, s.n_res, n_mlp), {}, {}, inverse, products};
-  const int64_t per_net = static_cast<int64_t>(params.size()) / 2;
+  Problem<T> p{Layout(s.D, s.H, s.n_res, n_mlp), {}, {}, 0, inverse, products};
+  for (int64_t transformed = 0; transformed < 2; ++transformed)  // parity 0 transforms where a + b is odd
+    for (int64_t j = 0; j < s.D; ++j)
+      if (((j / s.k) % s.k + j % s.k) % 2 == transformed) p.perm.push_back(j);
+  for (int64_t j = 0; j < s.D; ++j) p.n_kept0 += ((j / s.k) % s.k + j % s.k) % 2 == 0;
+  const int64_t per_net = static_cast<int64_t>(params.size()) / 2, D = s.D, mw = p.max_width();
   int64_t per_block = 0;  // weights of one residual block
   for (int64_t i = 0; i <= n_mlp; ++i) per_block += p.in_width(i) * p.out_width(i);
-  T* next = thread_scratch<T, kWeights>(2 * 2 * s.n_res * per_block);  // W and Wt, both nets
-  std::vector<T> scale(p.max_width());  // g_o / ‖V_o‖ of one linear layer
+  // W and Wt, both nets; the D-sized vectors (β, b, σ) permuted; one unpermuted W and Wt
+  T* next = thread_scratch<T, kWeights>(2 * (2 * s.n_res * per_block + (2 * s.n_res + 1) * D) + 2 * mw * mw);
+  T* W0 = next + 2 * (2 * s.n_res * per_block + (2 * s.n_res + 1) * D);
+  T* Wt0 = W0 + mw * mw;
+  std::vector<T> scale(mw);  // g_o / ‖V_o‖ of one linear layer
+  auto permuted = [&](const T* v) {
+    T* out = next;
+    next += D;
+    for (int64_t j = 0; j < D; ++j) out[j] = v[p.perm[j]];
+    return out;
+  };
   for (int64_t n = 0; n < 2; ++n) {
     for (int64_t l = 0; l < s.n_res * (n_mlp + 1); ++l) {
-      const int64_t base = n * per_net + 4 * l;
-      const int64_t out = p.out_width(l % (n_mlp + 1)), in = p.in_width(l % (n_mlp + 1));
+      const int64_t base = n * per_net + 4 * l, i = l % (n_mlp + 1);
+      const int64_t out = p.out_width(i), in = p.in_width(i);
       T* W = next;
       T* Wt = next + out * in;
       next += 2 * out * in;
-      run_weight_norm(out, in, params[base + 1].data_ptr<T>(), params[base + 2].data_ptr<T>(), scale.data(),
-                      need_W ? W : nullptr, need_Wt ? Wt : nullptr);
+      const T* V = params[base + 1].data_ptr<T>();
+      const T* g = params[base + 2].data_ptr<T>();
+      if (i != 0 && i != n_mlp) {
+        run_weight_norm(out, in, V, g, scale.data(), need_W ? W : nullptr, need_Wt ? Wt : nullptr);
+      } else {  // W and Wt computed unpermuted, then their D-sized side permuted
+        run_weight_norm(out, in, V, g, scale.data(), need_W ? W0 : nullptr, need_Wt ? Wt0 : nullptr);
+        for (int64_t o = 0; o < out && need_W; ++o)
+          for (int64_t j = 0; j < in; ++j)
+            W[o * in + j] = i == 0 ? W0[o * in + p.perm[j]] : W0[p.perm[o] * in + j];
+        for (int64_t j = 0; j < in && need_Wt; ++j)
+          for (int64_t o = 0; o < out; ++o)
+            Wt[j * out + o] = i == 0 ? Wt0[p.perm[j] * out + o] : Wt0[j * out + p.perm[o]];
+      }
       p.net[n].W.push_back(W);
       p.net[n].Wt.push_back(Wt);
-      p.net[n].beta.push_back(params[base].data_ptr<T>());
-      p.net[n].b.push_back(params[base + 3].data_ptr<T>());
+      p.net[n].beta.push_back(i == 0 ? permuted(params[base].data_ptr<T>()) : params[base].data_ptr<T>());
+      p.net[n].b.push_back(i == n_mlp ? permuted(params[base + 3].data_ptr<T>()) : params[base + 3].data_ptr<T>());
     }
-    p.net[n].sigma = params[n * per_net + per_net - 1].data_ptr<T>();
-  }
-  for (int64_t parity = 0; parity < 2; ++parity) {
-    for (int64_t j = 0; j < s.D; ++j) {
-      const int64_t a = (j / s.k) % s.k, b = j % s.k;
-      p.transformed[parity].push_back(((a + b) % 2 == 1) == (parity == 0));
-    }
+    p.net[n].sigma = permuted(params[n * per_net + per_net - 1].data_ptr<T>());
   }
   return p;
 }
@@ -1109,24 +1167,36 @@ std::tuple<Tensor, std::vector<Tensor>> layer_backward(const Tensor& u_in, const
     const int64_t per_net = static_cast<int64_t>(params.size()) / 2, n_linear = s.n_res * (n_mlp + 1);
     grads.resize(params.size());
     for (size_t i = 0; i < params.size(); ++i) grads[i] = at::empty(params_in[i].sizes(), u.options());
-    // Each gradient summed over the chunks, one task per linear layer; dW straight on to V and g.
-    auto chunk_sum = [&](int64_t offset, int64_t length, T* out) {
-      run_sum_chunks(partial + offset, chunks, gl.size, length, out);
-    };
+    // Each gradient summed over the chunks, one task per linear layer, its D-sized side back in
+    // the original feature order (Problem); dW straight on to V and g.
+    const int64_t mw = p.max_width();
     at::parallel_for(0, 2 * (n_linear + 1), 1, [&](int64_t k0, int64_t k1) {
-      T* dW = chunks > 1 ? thread_scratch<T, kWork>(p.max_width() * p.max_width()) : nullptr;
+      T* sum = thread_scratch<T, kWork>(2 * mw * mw);
+      T* dW = sum + mw * mw;
+      // the chunks' sum of `length` values at `offset`: into `out`, or, with `unpermute`, into
+      // `out` with each value at its original feature index
+      auto chunk_sum = [&](int64_t offset, int64_t length, T* out, bool unpermute) {
+        run_sum_chunks(partial + offset, chunks, gl.size, length, unpermute ? sum : out);
+        for (int64_t j = 0; j < length && unpermute; ++j) out[p.perm[j]] = sum[j];
+      };
       for (int64_t k = k0; k < k1; ++k) {
         const int64_t n = k / (n_linear + 1), l = k % (n_linear + 1), base = n * per_net + 4 * l;
         if (l == n_linear) {  // σ
-          chunk_sum(gl.sigma[n], s.D, grads[n * per_net + per_net - 1].data_ptr<T>());
+          chunk_sum(gl.sigma[n], s.D, grads[n * per_net + per_net - 1].data_ptr<T>(), true);
           continue;
         }
-        const int64_t w_in = p.in_width(l % (n_mlp + 1)), w_out = p.out_width(l % (n_mlp + 1));
-        chunk_sum(gl.beta[n][l], w_in, grads[base].data_ptr<T>());
-        chunk_sum(gl.b[n][l], w_out, grads[base + 3].data_ptr<T>());
+        const int64_t i = l % (n_mlp + 1), w_in = p.in_width(i), w_out = p.out_width(i);
+        chunk_sum(gl.beta[n][l], w_in, grads[base].data_ptr<T>(), i == 0);
+        chunk_sum(gl.b[n][l], w_out, grads[base + 3].data_ptr<T>(), i == n_mlp);
         const T* dW_sum = partial + gl.W[n][l];  // a single chunk holds the sum
-        if (dW) {
-          chunk_sum(gl.W[n][l], w_out * w_in, dW);
+        if (chunks > 1 || i == 0 || i == n_mlp) {
+          run_sum_chunks(dW_sum, chunks, gl.size, w_out * w_in, sum);
+          dW_sum = sum;
+        }
+        if (i == 0 || i == n_mlp) {
+          for (int64_t o = 0; o < w_out; ++o)
+            for (int64_t j = 0; j < w_in; ++j)
+              (i == 0 ? dW[o * w_in + p.perm[j]] : dW[p.perm[o] * w_in + j]) = sum[o * w_in + j];
           dW_sum = dW;
         }
         run_weight_norm_backward(w_out, w_in, params[base + 1].data_ptr<T>(), params[base + 2].data_ptr<T>(), dW_sum,

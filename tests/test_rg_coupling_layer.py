@@ -238,6 +238,27 @@ def test_cpp_saved_activations_reuse_freed_blocks_within_the_peak(seed):
     assert cpp_ops.activation_cache() == {"live": live, "kept": 0}
 
 
+@pytest.mark.parametrize("recompute", [False, True])
+def test_cpp_a_nan_in_one_call_does_not_reach_the_next(seed, recompute):
+    """Work buffers and kept activation blocks are reused from call to call and layer to layer:
+    a call on a NaN input (of a wider layer, whose buffers cover more) must leave nothing that a
+    later call reads."""
+    cpp_available()
+    g = torch.Generator().manual_seed(seed)
+    layer, wide = perturbed_layer(48, 40, 2, 1, g), perturbed_layer(48, 64, 2, 2, g)
+    u, ldj = torch.randn(150, 3, 4, 4, generator=g), torch.randn(6, generator=g)
+
+    def step(layer, x):
+        return outputs_and_grads(coupling_layer.rg_coupling_layer, layer, x, ldj, False, recompute, seed)
+
+    with rf.use_backend("cpp"):
+        clean = step(layer, u)
+        assert all(t.isnan().any() for t in step(wide, torch.full_like(u, float("nan")))[:1])
+        again = step(layer, u)
+    assert all(t.isfinite().all() for t in clean)
+    assert all(torch.equal(a, b) for a, b in zip(clean, again))
+
+
 def test_activation_cache_queries_neither_build_nor_load_the_extension():
     code = ("import torch; from rgflow_fast import cpp_ops; "
             "print(cpp_ops.activation_cache() == {'live': 0, 'kept': 0}, cpp_ops.empty_activation_cache(), "
