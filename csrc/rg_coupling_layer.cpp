@@ -400,7 +400,7 @@ void product(Products how, int64_t M, int64_t N, int64_t K, const T* A, int64_t 
 enum Slot {
   kWeights,      // the calling thread's W and Wt (make_problem)
   kRowsOrChunks, // forward: per-row log-dets; backward: the chunks' gradient sums
-  kWork,         // each worker's tile work buffers; backward, after the tiles: a gradient summed over chunks, and its dW unpermuted
+  kWork,         // each worker's tile work buffers; backward, after the tiles: gradient sums
   kRecord,       // each worker's tile activations when they are not stored
   kNetWork,      // the work buffers of one net when a tile's two nets run on two threads
   kRowGrad,      // backward: the log-det gradient per row
@@ -1004,10 +1004,11 @@ Problem<T> make_problem(const Sizes& s, const std::vector<Tensor>& params, int64
   TORCH_CHECK(products != Products::kBlas || blas_gemm<T>() != nullptr,
               "rg_coupling_layer (cpu): this torch exports no BLAS gemm (sgemm_/dgemm_); use the 'torch' backend");
   Problem<T> p{Layout(s.D, s.H, s.n_res, n_mlp), {}, {}, 0, inverse, products};
-  for (int64_t transformed = 0; transformed < 2; ++transformed)  // parity 0 transforms where a + b is odd
+  for (int64_t transformed = 0; transformed < 2; ++transformed) {  // parity 0 transforms where a + b is odd
+    if (transformed) p.n_kept0 = static_cast<int64_t>(p.perm.size());
     for (int64_t j = 0; j < s.D; ++j)
       if (((j / s.k) % s.k + j % s.k) % 2 == transformed) p.perm.push_back(j);
-  for (int64_t j = 0; j < s.D; ++j) p.n_kept0 += ((j / s.k) % s.k + j % s.k) % 2 == 0;
+  }
   const int64_t per_net = static_cast<int64_t>(params.size()) / 2, D = s.D, mw = p.max_width();
   int64_t per_block = 0;  // weights of one residual block
   for (int64_t i = 0; i <= n_mlp; ++i) per_block += p.in_width(i) * p.out_width(i);
@@ -1189,14 +1190,14 @@ std::tuple<Tensor, std::vector<Tensor>> layer_backward(const Tensor& u_in, const
         chunk_sum(gl.beta[n][l], w_in, grads[base].data_ptr<T>(), i == 0);
         chunk_sum(gl.b[n][l], w_out, grads[base + 3].data_ptr<T>(), i == n_mlp);
         const T* dW_sum = partial + gl.W[n][l];  // a single chunk holds the sum
-        if (chunks > 1 || i == 0 || i == n_mlp) {
+        if (chunks > 1) {
           run_sum_chunks(dW_sum, chunks, gl.size, w_out * w_in, sum);
           dW_sum = sum;
         }
-        if (i == 0 || i == n_mlp) {
+        if (i == 0 || i == n_mlp) {  // its columns / rows back in the original order
           for (int64_t o = 0; o < w_out; ++o)
             for (int64_t j = 0; j < w_in; ++j)
-              (i == 0 ? dW[o * w_in + p.perm[j]] : dW[p.perm[o] * w_in + j]) = sum[o * w_in + j];
+              (i == 0 ? dW[o * w_in + p.perm[j]] : dW[p.perm[o] * w_in + j]) = dW_sum[o * w_in + j];
           dW_sum = dW;
         }
         run_weight_norm_backward(w_out, w_in, params[base + 1].data_ptr<T>(), params[base + 2].data_ptr<T>(), dW_sum,
