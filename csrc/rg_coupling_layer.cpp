@@ -403,6 +403,7 @@ enum Slot {
   kWork,         // each worker's tile work buffers; backward, after the tiles: gradient sums
   kRecord,       // each worker's tile activations when they are not stored
   kNetWork,      // the work buffers of one net when a tile's two nets run on two threads
+  kWeightNorm,   // make_problem: one linear layer's weight norm before its permutation
   kRowGrad,      // backward: the log-det gradient per row
   kUnusedY,      // backward recompute: the forward's outputs, not needed
   kUnusedLdj,
@@ -1012,44 +1013,58 @@ Problem<T> make_problem(const Sizes& s, const std::vector<Tensor>& params, int64
   const int64_t per_net = static_cast<int64_t>(params.size()) / 2, D = s.D, mw = p.max_width();
   int64_t per_block = 0;  // weights of one residual block
   for (int64_t i = 0; i <= n_mlp; ++i) per_block += p.in_width(i) * p.out_width(i);
-  // W and Wt, both nets; the D-sized vectors (β, b, σ) permuted; one unpermuted W and Wt
-  T* next = thread_scratch<T, kWeights>(2 * (2 * s.n_res * per_block + (2 * s.n_res + 1) * D) + 2 * mw * mw);
-  T* W0 = next + 2 * (2 * s.n_res * per_block + (2 * s.n_res + 1) * D);
-  T* Wt0 = W0 + mw * mw;
-  std::vector<T> scale(mw);  // g_o / ‖V_o‖ of one linear layer
+  // W and Wt, both nets; the D-sized vectors (β, b, σ) permuted
+  T* next = thread_scratch<T, kWeights>(2 * (2 * s.n_res * per_block + (2 * s.n_res + 1) * D));
   auto permuted = [&](const T* v) {
     T* out = next;
     next += D;
     for (int64_t j = 0; j < D; ++j) out[j] = v[p.perm[j]];
     return out;
   };
+  const int64_t n_linear = s.n_res * (n_mlp + 1);
+  std::vector<T*> W_of(2 * n_linear);  // where each linear layer's W goes, its Wt after it
   for (int64_t n = 0; n < 2; ++n) {
-    for (int64_t l = 0; l < s.n_res * (n_mlp + 1); ++l) {
+    for (int64_t l = 0; l < n_linear; ++l) {
       const int64_t base = n * per_net + 4 * l, i = l % (n_mlp + 1);
-      const int64_t out = p.out_width(i), in = p.in_width(i);
-      T* W = next;
-      T* Wt = next + out * in;
-      next += 2 * out * in;
-      const T* V = params[base + 1].data_ptr<T>();
-      const T* g = params[base + 2].data_ptr<T>();
-      if (i != 0 && i != n_mlp) {
-        run_weight_norm(out, in, V, g, scale.data(), need_W ? W : nullptr, need_Wt ? Wt : nullptr);
-      } else {  // W and Wt computed unpermuted, then their D-sized side permuted
-        run_weight_norm(out, in, V, g, scale.data(), need_W ? W0 : nullptr, need_Wt ? Wt0 : nullptr);
-        for (int64_t o = 0; o < out && need_W; ++o)
-          for (int64_t j = 0; j < in; ++j)
-            W[o * in + j] = i == 0 ? W0[o * in + p.perm[j]] : W0[p.perm[o] * in + j];
-        for (int64_t j = 0; j < in && need_Wt; ++j)
-          for (int64_t o = 0; o < out; ++o)
-            Wt[j * out + o] = i == 0 ? Wt0[p.perm[j] * out + o] : Wt0[j * out + p.perm[o]];
-      }
-      p.net[n].W.push_back(W);
-      p.net[n].Wt.push_back(Wt);
+      W_of[n * n_linear + l] = next;
+      p.net[n].W.push_back(next);
+      p.net[n].Wt.push_back(next + p.out_width(i) * p.in_width(i));
+      next += 2 * p.out_width(i) * p.in_width(i);
       p.net[n].beta.push_back(i == 0 ? permuted(params[base].data_ptr<T>()) : params[base].data_ptr<T>());
       p.net[n].b.push_back(i == n_mlp ? permuted(params[base + 3].data_ptr<T>()) : params[base + 3].data_ptr<T>());
     }
     p.net[n].sigma = permuted(params[n * per_net + per_net - 1].data_ptr<T>());
   }
+  // the weight norms, one task per linear layer
+  at::parallel_for(0, 2 * n_linear, 1, [&](int64_t k0, int64_t k1) {
+    T* W0 = thread_scratch<T, kWeightNorm>(2 * mw * mw + mw);  // an unpermuted W and Wt; g_o / ‖V_o‖
+    T* Wt0 = W0 + mw * mw;
+    T* scale = Wt0 + mw * mw;
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t n = k / n_linear, l = k % n_linear, base = n * per_net + 4 * l, i = l % (n_mlp + 1);
+      const int64_t out = p.out_width(i), in = p.in_width(i);
+      T* W = W_of[k];
+      T* Wt = W + out * in;
+      const T* V = params[base + 1].data_ptr<T>();
+      const T* g = params[base + 2].data_ptr<T>();
+      if (i != 0 && i != n_mlp) {
+        run_weight_norm(out, in, V, g, scale, need_W ? W : nullptr, need_Wt ? Wt : nullptr);
+        continue;
+      }
+      // computed unpermuted, then their D-sized side (W's columns and Wt's rows for the first
+      // layer of a block, the other way round for the last) permuted
+      run_weight_norm(out, in, V, g, scale, need_W ? W0 : nullptr, need_Wt ? Wt0 : nullptr);
+      auto permute = [&](const T* from, T* to, int64_t m, int64_t width, bool rows) {  // (m × width)
+        for (int64_t r = 0; r < m; ++r)
+          if (rows)
+            std::copy_n(from + p.perm[r] * width, width, to + r * width);
+          else
+            for (int64_t c = 0; c < width; ++c) to[r * width + c] = from[r * width + p.perm[c]];
+      };
+      if (need_W) permute(W0, W, out, in, /*rows=*/i != 0);
+      if (need_Wt) permute(Wt0, Wt, in, out, /*rows=*/i == 0);
+    }
+  });
   return p;
 }
 
