@@ -7,9 +7,11 @@
 // activations in cache: every matrix product is one call of a small-matrix kernel on the tile
 // (float: this file's AVX2 kernel or oneDNN's micro-kernel, see Products; double: BLAS),
 // followed by one fused elementwise pass (bias + Swish, on AVX2 intrinsics in float where the
-// CPU has them: avx2_swish; or bias + residual + √2). Tiles are fixed
-// whatever the thread count, and parameter gradients are summed per chunk of tiles and then
-// over chunks in order, so results are bitwise the same for any number of threads.
+// CPU has them: avx2_swish; or bias + residual + √2). Inside a call the features run
+// permuted so that each step's kept and transformed halves are contiguous (Problem). Tiles are
+// fixed whatever the thread count (a layer of one tile runs its two nets on two threads
+// instead), and parameter gradients are summed per chunk of tiles and then over chunks in
+// order, so results are bitwise the same for any number of threads.
 //
 // Ops (namespace rgflow_fast):
 //   rg_coupling_layer(u, ldj, params, n_mlp, inverse, recompute) -> (y, ldj)     autograd here
