@@ -712,121 +712,116 @@ struct GradLayout {
   }
 };
 
-// Back-propagates grad_y (rows × D) through the layer of one tile whose activations are in
-// `rec`; writes grad_u and adds parameter gradients into `acc` (GradLayout). gl: the
-// log-det's gradient for each row. `work`: 8 · rows · max_width. `fresh`: acc's dW blocks
-// hold nothing yet, so the first product into each (step 1's) writes instead of adding,
-// which saves zeroing them (the rest of acc must be zero).
+// The coupling's backward of step st on a tile: g (rows × D), the grad of the step's output,
+// becomes that of its input, but for the nets' share on the kept half (added by the caller);
+// gnet_s, gnet_t get the grads of R_s(v), R_t(v); dσ added into acc (GradLayout). gl: the
+// log-det's gradient for each row.
 template <typename T>
-void tile_backward(const Problem<T>& p, const GradLayout& gl_layout, const Record<T>& rec, int64_t rows,
-                   const T* grad_y, const T* gl, T* grad_u, T* acc, T* work, bool fresh) {
+void coupling_backward(const Problem<T>& p, const GradLayout& gl_layout, const Record<T>& rec, int64_t rows, int64_t st,
+                       const T* gl, T* g, T* gnet_s, T* gnet_t, T* acc) {
+  const Layout& L = p.L;
+  const int64_t D = L.D;
+  const Range tr = p.transformed(st), kp = p.kept(st);
+  const T* x = rec(L.x(st));
+  const T* zs = rec(L.z(st, 0, L.n_res));
+  const T* zt = rec(L.z(st, 1, L.n_res));
+  const T* sig_s = p.net[0].sigma;
+  const T* sig_t = p.net[1].sigma;
+  T* dsig_s = acc + gl_layout.sigma[0];
+  T* dsig_t = acc + gl_layout.sigma[1];
+  for (int64_t row = 0; row < rows; ++row) {
+    std::fill_n(gnet_s + row * D + kp.begin, kp.count, T(0));
+    std::fill_n(gnet_t + row * D + kp.begin, kp.count, T(0));
+    for (int64_t j = tr.begin; j < tr.begin + tr.count; ++j) {
+      const int64_t i = row * D + j;
+      const T s = Math<T>::tanh(sig_s[j] * zs[i]);
+      const T dtanh = T(1) - s * s;
+      T g_s, g_t;
+      if (!p.inverse) {  // y = x·e^s + t, ldj += s
+        const T e = Math<T>::exp(s);
+        g_s = (g[i] * x[i] * e + gl[row]) * dtanh;
+        g_t = g[i];
+        g[i] = g[i] * e;
+      } else {  // y = (x - t)·e^{-s}, ldj -= s
+        const T e = Math<T>::exp(-s);
+        const T t = sig_t[j] * zt[i];
+        g_s = (-g[i] * (x[i] - t) * e - gl[row]) * dtanh;
+        g_t = -g[i] * e;
+        g[i] = g[i] * e;
+      }
+      dsig_s[j] += g_s * zs[i];
+      dsig_t[j] += g_t * zt[i];
+      gnet_s[i] = g_s * sig_s[j];
+      gnet_t[i] = g_t * sig_t[j];
+    }
+  }
+}
+
+// One net's backward through its residual blocks in step st on a tile: gz (rows × D), the grad
+// of R(v), becomes that of v; the net's parameter gradients added into acc (GradLayout).
+// `fresh`: see tile_backward. `work`: 5 · rows · max_width.
+template <typename T>
+void net_backward(const Problem<T>& p, const GradLayout& gl_layout, const Record<T>& rec, int64_t rows, int64_t st,
+                  int64_t n, T* gz, T* acc, bool fresh, T* work) {
   const Layout& L = p.L;
   const int64_t D = L.D, mw = p.max_width();
   const T inv_sqrt2 = T(1) / std::sqrt(T(2));
-  T* g = work;                 // grad of the current step's output, then input
-  T* gnet[2] = {g + rows * mw, g + 2 * rows * mw};  // grads of R_s(v), R_t(v)
-  T* A = g + 3 * rows * mw;    // recomputed Swish output
-  T* SG = g + 4 * rows * mw;   // recomputed sigmoid
-  T* DP = g + 5 * rows * mw;   // grad of a pre-activation
-  T* DA = g + 6 * rows * mw;   // grad of a Swish output
-  T* T_scratch = g + 7 * rows * mw;  // DPᵀ, for the kernels that read it row-major
-  for (int64_t row = 0; row < rows; ++row)
-    for (int64_t j = 0; j < D; ++j) g[row * D + j] = grad_y[row * D + p.perm[j]];
-  for (int64_t st = 1; st >= 0; --st) {
-    const Range tr = p.transformed(st), kp = p.kept(st);
-    const T* x = rec(L.x(st));
-    const T* zs = rec(L.z(st, 0, L.n_res));
-    const T* zt = rec(L.z(st, 1, L.n_res));
-    const T* sig_s = p.net[0].sigma;
-    const T* sig_t = p.net[1].sigma;
-    T* dsig_s = acc + gl_layout.sigma[0];
-    T* dsig_t = acc + gl_layout.sigma[1];
-    for (int64_t row = 0; row < rows; ++row) {
-      std::fill_n(gnet[0] + row * D + kp.begin, kp.count, T(0));
-      std::fill_n(gnet[1] + row * D + kp.begin, kp.count, T(0));
-      for (int64_t j = tr.begin; j < tr.begin + tr.count; ++j) {
-        const int64_t i = row * D + j;
-        const T s = Math<T>::tanh(sig_s[j] * zs[i]);
-        const T dtanh = T(1) - s * s;
-        T g_s, g_t;
-        if (!p.inverse) {  // y = x·e^s + t, ldj += s
-          const T e = Math<T>::exp(s);
-          g_s = (g[i] * x[i] * e + gl[row]) * dtanh;
-          g_t = g[i];
-          g[i] = g[i] * e;
-        } else {  // y = (x - t)·e^{-s}, ldj -= s
-          const T e = Math<T>::exp(-s);
-          const T t = sig_t[j] * zt[i];
-          g_s = (-g[i] * (x[i] - t) * e - gl[row]) * dtanh;
-          g_t = -g[i] * e;
-          g[i] = g[i] * e;
+  const Range tr = p.transformed(st), kp = p.kept(st);
+  T* A = work;                 // recomputed Swish output
+  T* SG = A + rows * mw;       // recomputed sigmoid
+  T* DP = SG + rows * mw;      // grad of a pre-activation
+  T* DA = DP + rows * mw;      // grad of a Swish output
+  T* T_scratch = DA + rows * mw;  // DPᵀ, for the kernels that read it row-major
+  const Net<T>& net = p.net[n];
+  for (int64_t r = L.n_res - 1; r >= 0; --r) {
+    const int64_t l0 = r * (L.n_mlp + 1);
+    T* z = rec(L.z(st, n, r));
+    // DP: grad of linear i's output, walking i = n_mlp … 0 (F's output is linear n_mlp's)
+#pragma omp simd
+    for (int64_t i = 0; i < rows * D; ++i) DP[i] = gz[i] *= inv_sqrt2;
+    for (int64_t i = L.n_mlp; i >= 0; --i) {
+      const int64_t w_in = p.in_width(i), w_out = p.out_width(i), l = l0 + i;
+      T* pre = i == 0 ? z : rec(L.h(st, n, r, i));
+      const T* beta = net.beta[l];
+      swish<T>(rows, w_in, pre, nullptr, beta, A, SG);
+      T* db = acc + gl_layout.b[n][l];
+      for (int64_t row = 0; row < rows; ++row) {
+#pragma omp simd
+        for (int64_t j = 0; j < w_out; ++j) db[j] += DP[row * w_out + j];
+      }
+      // dW (out×in) += DPᵀ · A, then DA = DP · W. The half products (Problem): the last
+      // linear layer's DP is zero outside the transformed half, the first one's A outside
+      // the kept half; the two steps' halves of that dW are disjoint, so a fresh chunk's
+      // first tile writes each in its own step.
+      T* dW = acc + gl_layout.W[n][l];
+      if (i == L.n_mlp && r == L.n_res - 1) {
+        product<T>(p.products, tr.count, w_in, rows, DP + tr.begin, 1, w_out, A, w_in, dW + tr.begin * w_in, w_in,
+                   !fresh, T_scratch);
+        product<T>(p.products, rows, w_in, tr.count, DP + tr.begin, w_out, 1, net.W[l] + tr.begin * w_in, w_in, DA,
+                   w_in, false, nullptr);
+      } else if (i == 0 && r == 0) {
+        product<T>(p.products, w_out, kp.count, rows, DP, 1, w_out, A + kp.begin, w_in, dW + kp.begin, w_in, !fresh,
+                   T_scratch);
+        product<T>(p.products, rows, kp.count, w_out, DP, w_out, 1, net.W[l] + kp.begin, w_in, DA + kp.begin, w_in,
+                   false, nullptr);
+        for (int64_t row = 0; row < rows; ++row) std::fill_n(DA + row * w_in + tr.begin, tr.count, T(0));
+      } else {
+        product<T>(p.products, w_out, w_in, rows, DP, 1, w_out, A, w_in, dW, w_in, !(fresh && st == 1), T_scratch);
+        product<T>(p.products, rows, w_in, w_out, DP, w_out, 1, net.W[l], w_in, DA, w_in, false, nullptr);
+      }
+      T* dbeta = acc + gl_layout.beta[n][l];
+      for (int64_t row = 0; row < rows; ++row) {
+#pragma omp simd
+        for (int64_t j = 0; j < w_in; ++j) {
+          const int64_t k = row * w_in + j;
+          const T h = pre[k], sgm = SG[k], dsg = sgm * (T(1) - sgm);
+          dbeta[j] += DA[k] * h * h * dsg;
+          DP[k] = DA[k] * (sgm + beta[j] * h * dsg);
         }
-        dsig_s[j] += g_s * zs[i];
-        dsig_t[j] += g_t * zt[i];
-        gnet[0][i] = g_s * sig_s[j];
-        gnet[1][i] = g_t * sig_t[j];
       }
     }
-    for (int64_t n = 0; n < 2; ++n) {
-      const Net<T>& net = p.net[n];
-      T* gz = gnet[n];  // grad of z_{r+1}, then of z_r
-      for (int64_t r = L.n_res - 1; r >= 0; --r) {
-        const int64_t l0 = r * (L.n_mlp + 1);
-        T* z = rec(L.z(st, n, r));
-        // DP: grad of linear i's output, walking i = n_mlp … 0 (F's output is linear n_mlp's)
-#pragma omp simd
-        for (int64_t i = 0; i < rows * D; ++i) DP[i] = gz[i] *= inv_sqrt2;
-        for (int64_t i = L.n_mlp; i >= 0; --i) {
-          const int64_t w_in = p.in_width(i), w_out = p.out_width(i), l = l0 + i;
-          T* pre = i == 0 ? z : rec(L.h(st, n, r, i));
-          const T* beta = net.beta[l];
-          swish<T>(rows, w_in, pre, nullptr, beta, A, SG);
-          T* db = acc + gl_layout.b[n][l];
-          for (int64_t row = 0; row < rows; ++row) {
-#pragma omp simd
-            for (int64_t j = 0; j < w_out; ++j) db[j] += DP[row * w_out + j];
-          }
-          // dW (out×in) += DPᵀ · A, then DA = DP · W. The half products (Problem): the last
-          // linear layer's DP is zero outside the transformed half, the first one's A outside
-          // the kept half; the two steps' halves of that dW are disjoint, so a fresh chunk's
-          // first tile writes each in its own step.
-          T* dW = acc + gl_layout.W[n][l];
-          if (i == L.n_mlp && r == L.n_res - 1) {
-            product<T>(p.products, tr.count, w_in, rows, DP + tr.begin, 1, w_out, A, w_in, dW + tr.begin * w_in, w_in,
-                       !fresh, T_scratch);
-            product<T>(p.products, rows, w_in, tr.count, DP + tr.begin, w_out, 1, net.W[l] + tr.begin * w_in, w_in, DA,
-                       w_in, false, nullptr);
-          } else if (i == 0 && r == 0) {
-            product<T>(p.products, w_out, kp.count, rows, DP, 1, w_out, A + kp.begin, w_in, dW + kp.begin, w_in, !fresh,
-                       T_scratch);
-            product<T>(p.products, rows, kp.count, w_out, DP, w_out, 1, net.W[l] + kp.begin, w_in, DA + kp.begin, w_in,
-                       false, nullptr);
-            for (int64_t row = 0; row < rows; ++row) std::fill_n(DA + row * w_in + tr.begin, tr.count, T(0));
-          } else {
-            product<T>(p.products, w_out, w_in, rows, DP, 1, w_out, A, w_in, dW, w_in, !(fresh && st == 1), T_scratch);
-            product<T>(p.products, rows, w_in, w_out, DP, w_out, 1, net.W[l], w_in, DA, w_in, false, nullptr);
-          }
-          T* dbeta = acc + gl_layout.beta[n][l];
-          for (int64_t row = 0; row < rows; ++row) {
-#pragma omp simd
-            for (int64_t j = 0; j < w_in; ++j) {
-              const int64_t k = row * w_in + j;
-              const T h = pre[k], sgm = SG[k], dsg = sgm * (T(1) - sgm);
-              dbeta[j] += DA[k] * h * h * dsg;
-              DP[k] = DA[k] * (sgm + beta[j] * h * dsg);
-            }
-          }
-        }
-        for (int64_t i = 0; i < rows * D; ++i) gz[i] += DP[i];
-      }
-      for (int64_t row = 0; row < rows; ++row) {  // v = (1 - m) ⊙ x
-#pragma omp simd
-        for (int64_t j = kp.begin; j < kp.begin + kp.count; ++j) g[row * D + j] += gz[row * D + j];
-      }
-    }
+    for (int64_t i = 0; i < rows * D; ++i) gz[i] += DP[i];
   }
-  for (int64_t row = 0; row < rows; ++row)
-    for (int64_t j = 0; j < D; ++j) grad_u[row * D + p.perm[j]] = g[row * D + j];
 }
 
 // W = g ⊙ V / ‖V‖_row of one linear layer (V: out × in) where W, and its transpose where Wt
@@ -904,10 +899,15 @@ void sum_chunks(const T* partial, int64_t chunks, int64_t stride, int64_t length
                                           T* cur, T* ldj_rows) {                                           \
     coupling_forward(p, rec, rows, st, cur, ldj_rows);                                                     \
   }                                                                                                         \
-  RGF_TILE_CODE void run_tile_backward(const Problem<T>& p, const GradLayout& gl, const Record<T>& rec,      \
-                                       int64_t rows, const T* grad_y, const T* gl_rows, T* grad_u, T* acc,   \
-                                       T* work, bool fresh) {                                               \
-    tile_backward(p, gl, rec, rows, grad_y, gl_rows, grad_u, acc, work, fresh);                            \
+  RGF_TILE_CODE void run_coupling_backward(const Problem<T>& p, const GradLayout& gl, const Record<T>& rec,  \
+                                           int64_t rows, int64_t st, const T* gl_rows, T* g, T* gnet_s,    \
+                                           T* gnet_t, T* acc) {                                            \
+    coupling_backward(p, gl, rec, rows, st, gl_rows, g, gnet_s, gnet_t, acc);                              \
+  }                                                                                                         \
+  RGF_TILE_CODE void run_net_backward(const Problem<T>& p, const GradLayout& gl, const Record<T>& rec,       \
+                                      int64_t rows, int64_t st, int64_t n, T* gz, T* acc, bool fresh,      \
+                                      T* work) {                                                           \
+    net_backward(p, gl, rec, rows, st, n, gz, acc, fresh, work);                                           \
   }                                                                                                         \
   RGF_TILE_CODE void run_weight_norm(int64_t out, int64_t in, const T* V, const T* g, T* scale, T* W, T* Wt) { \
     weight_norm(out, in, V, g, scale, W, Wt);                                                              \
@@ -947,6 +947,40 @@ void tile_forward(const Problem<T>& p, const Record<T>& rec, int64_t rows, const
   }
   for (int64_t row = 0; row < rows; ++row)
     for (int64_t j = 0; j < D; ++j) y[row * D + p.perm[j]] = cur[row * D + j];
+}
+
+// Back-propagates grad_y (rows × D) through the layer of one tile whose activations are in
+// `rec`; writes grad_u and adds parameter gradients into `acc` (GradLayout). gl: the
+// log-det's gradient for each row. `work`: 8 · rows · max_width. `fresh`: acc's dW blocks
+// hold nothing yet, so the first product into each (step 1's) writes instead of adding,
+// which saves zeroing them (the rest of acc must be zero). `nets_apart`: as tile_forward's.
+template <typename T>
+void tile_backward(const Problem<T>& p, const GradLayout& gl_layout, const Record<T>& rec, int64_t rows,
+                   const T* grad_y, const T* gl, T* grad_u, T* acc, T* work, bool fresh, bool nets_apart = false) {
+  const int64_t D = p.L.D, mw = p.max_width();
+  T* g = work;  // grad of the current step's output, then input
+  T* gnet[2] = {g + rows * mw, g + 2 * rows * mw};  // grads of R_s(v), R_t(v), then of v
+  for (int64_t row = 0; row < rows; ++row)
+    for (int64_t j = 0; j < D; ++j) g[row * D + j] = grad_y[row * D + p.perm[j]];
+  for (int64_t st = 1; st >= 0; --st) {
+    run_coupling_backward(p, gl_layout, rec, rows, st, gl, g, gnet[0], gnet[1], acc);
+    if (nets_apart) {
+      at::parallel_for(0, 2, 1, [&](int64_t n0, int64_t n1) {
+        T* net_work = thread_scratch<T, kNetWork>(5 * rows * mw);
+        for (int64_t n = n0; n < n1; ++n) run_net_backward(p, gl_layout, rec, rows, st, n, gnet[n], acc, fresh, net_work);
+      });
+    } else {
+      for (int64_t n = 0; n < 2; ++n)
+        run_net_backward(p, gl_layout, rec, rows, st, n, gnet[n], acc, fresh, g + 3 * rows * mw);
+    }
+    const Range kp = p.kept(st);
+    for (int64_t n = 0; n < 2; ++n)  // v = (1 - m) ⊙ x
+      for (int64_t row = 0; row < rows; ++row)
+#pragma omp simd
+        for (int64_t j = kp.begin; j < kp.begin + kp.count; ++j) g[row * D + j] += gnet[n][row * D + j];
+  }
+  for (int64_t row = 0; row < rows; ++row)
+    for (int64_t j = 0; j < D; ++j) grad_u[row * D + p.perm[j]] = g[row * D + j];
 }
 
 // ------------------------------------------------------------------------------ the ops
@@ -1160,7 +1194,9 @@ std::tuple<Tensor, std::vector<Tensor>> layer_backward(const Tensor& u_in, const
     const T* gy_ptr = grad_y.data_ptr<T>();
     T* gu_ptr = grad_u.data_ptr<T>();
     T* acts_ptr = stored ? acts.data_ptr<T>() : nullptr;
-    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    // a single tile runs its two nets on two threads instead
+    const bool nets_apart = tiles == 1 && at::get_num_threads() > 1 && !at::in_parallel_region();
+    auto run_chunks = [&](int64_t c0, int64_t c1) {
       T* work = thread_scratch<T, kWork>(8 * tile * p.max_width());
       T* scratch = stored ? nullptr : thread_scratch<T, kRecord>(tile * p.L.row_width);
       T* y_unused = stored ? nullptr : thread_scratch<T, kUnusedY>(tile * s.D);
@@ -1174,13 +1210,17 @@ std::tuple<Tensor, std::vector<Tensor>> layer_backward(const Tensor& u_in, const
           Record<T> rec{acts_ptr, s.N, r0, &p.L};
           if (!stored) {
             rec = Record<T>{scratch, rows, 0, &p.L};
-            tile_forward(p, rec, rows, u_ptr + r0 * s.D, y_unused, ldj_unused, work);
+            tile_forward(p, rec, rows, u_ptr + r0 * s.D, y_unused, ldj_unused, work, nets_apart);
           }
-          run_tile_backward(p, gl, rec, rows, gy_ptr + r0 * s.D, row_gl + r0, gu_ptr + r0 * s.D, acc, work,
-                            t == first);
+          tile_backward(p, gl, rec, rows, gy_ptr + r0 * s.D, row_gl + r0, gu_ptr + r0 * s.D, acc, work, t == first,
+                        nets_apart);
         }
       }
-    });
+    };
+    if (nets_apart)
+      run_chunks(0, 1);
+    else
+      at::parallel_for(0, chunks, 1, run_chunks);
     // The outputs: per net, per linear layer dβ, dV, dg, db; then dσ.
     const int64_t per_net = static_cast<int64_t>(params.size()) / 2, n_linear = s.n_res * (n_mlp + 1);
     grads.resize(params.size());
