@@ -587,6 +587,18 @@ struct Problem {
   Range transformed(int64_t st) const {
     return parity(st) == 0 ? Range{n_kept0, L.D - n_kept0} : Range{0, n_kept0};
   }
+  // to = from (m × width) with its features (its rows where by_rows, else its columns) in the
+  // call's order; `back`: from the call's order to the original one.
+  void reorder(const T* from, T* to, int64_t m, int64_t width, bool by_rows, bool back) const {
+    for (int64_t r = 0; r < m; ++r) {
+      if (by_rows)
+        std::copy_n(from + (back ? r : perm[r]) * width, width, to + (back ? perm[r] : r) * width);
+      else if (back)
+        for (int64_t c = 0; c < width; ++c) to[r * width + perm[c]] = from[r * width + c];
+      else
+        for (int64_t c = 0; c < width; ++c) to[r * width + c] = from[r * width + perm[c]];
+    }
+  }
 };
 
 // a = swish(h) = h·σ(β h) over a (rows × w) block; with bias, h += b first (in place); with
@@ -882,8 +894,9 @@ void sum_chunks(const T* partial, int64_t chunks, int64_t stride, int64_t length
 }
 
 // The tiles' elementwise passes are most of the time outside BLAS: compile the tile code (and
-// the weight norm) for wider vector units as well and pick the version at load time (function multiversioning), so
-// that one build runs everywhere. `flatten` inlines the templates into each version.
+// the weight norm) for wider vector units as well and pick the version at load time (function
+// multiversioning), so that one build runs everywhere. `flatten` inlines the templates into
+// each version.
 #if defined(__x86_64__) && defined(__GNUC__) && (__GNUC__ >= 11 || defined(__clang__))
 #define RGF_TILE_CODE __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"), flatten))
 #else
@@ -931,8 +944,7 @@ void tile_forward(const Problem<T>& p, const Record<T>& rec, int64_t rows, const
                   bool nets_apart = false) {
   const int64_t D = p.L.D, mw = p.max_width();
   T* cur = work;
-  for (int64_t row = 0; row < rows; ++row)
-    for (int64_t j = 0; j < D; ++j) cur[row * D + j] = u[row * D + p.perm[j]];
+  p.reorder(u, cur, rows, D, /*by_rows=*/false, /*back=*/false);
   for (int64_t st = 0; st < 2; ++st) {
     std::copy(cur, cur + rows * D, rec(p.L.x(st)));
     if (nets_apart) {
@@ -945,8 +957,7 @@ void tile_forward(const Problem<T>& p, const Record<T>& rec, int64_t rows, const
     }
     run_coupling_forward(p, rec, rows, st, cur, ldj_rows);
   }
-  for (int64_t row = 0; row < rows; ++row)
-    for (int64_t j = 0; j < D; ++j) y[row * D + p.perm[j]] = cur[row * D + j];
+  p.reorder(cur, y, rows, D, /*by_rows=*/false, /*back=*/true);
 }
 
 // Back-propagates grad_y (rows × D) through the layer of one tile whose activations are in
@@ -960,8 +971,7 @@ void tile_backward(const Problem<T>& p, const GradLayout& gl_layout, const Recor
   const int64_t D = p.L.D, mw = p.max_width();
   T* g = work;  // grad of the current step's output, then input
   T* gnet[2] = {g + rows * mw, g + 2 * rows * mw};  // grads of R_s(v), R_t(v), then of v
-  for (int64_t row = 0; row < rows; ++row)
-    for (int64_t j = 0; j < D; ++j) g[row * D + j] = grad_y[row * D + p.perm[j]];
+  p.reorder(grad_y, g, rows, D, /*by_rows=*/false, /*back=*/false);
   for (int64_t st = 1; st >= 0; --st) {
     run_coupling_backward(p, gl_layout, rec, rows, st, gl, g, gnet[0], gnet[1], acc);
     if (nets_apart) {
@@ -979,11 +989,16 @@ void tile_backward(const Problem<T>& p, const GradLayout& gl_layout, const Recor
 #pragma omp simd
         for (int64_t j = kp.begin; j < kp.begin + kp.count; ++j) g[row * D + j] += gnet[n][row * D + j];
   }
-  for (int64_t row = 0; row < rows; ++row)
-    for (int64_t j = 0; j < D; ++j) grad_u[row * D + p.perm[j]] = g[row * D + j];
+  p.reorder(g, grad_u, rows, D, /*by_rows=*/false, /*back=*/true);
 }
 
 // ------------------------------------------------------------------------------ the ops
+
+// Whether a call of `tiles` tiles runs each tile's two nets on two threads: when a single tile
+// would otherwise leave the other threads idle.
+bool nets_on_two_threads(int64_t tiles) {
+  return tiles == 1 && at::get_num_threads() > 1 && !at::in_parallel_region();
+}
 
 struct Sizes {
   int64_t N, C, k, D, B, P, n_res, H;
@@ -1054,7 +1069,7 @@ Problem<T> make_problem(const Sizes& s, const std::vector<Tensor>& params, int64
   auto permuted = [&](const T* v) {
     T* out = next;
     next += D;
-    for (int64_t j = 0; j < D; ++j) out[j] = v[p.perm[j]];
+    p.reorder(v, out, 1, D, /*by_rows=*/false, /*back=*/false);
     return out;
   };
   const int64_t n_linear = s.n_res * (n_mlp + 1);
@@ -1090,15 +1105,8 @@ Problem<T> make_problem(const Sizes& s, const std::vector<Tensor>& params, int64
       // computed unpermuted, then their D-sized side (W's columns and Wt's rows for the first
       // layer of a block, the other way round for the last) permuted
       run_weight_norm(out, in, V, g, scale, need_W ? W0 : nullptr, need_Wt ? Wt0 : nullptr);
-      auto permute = [&](const T* from, T* to, int64_t m, int64_t width, bool rows) {  // (m × width)
-        for (int64_t r = 0; r < m; ++r)
-          if (rows)
-            std::copy_n(from + p.perm[r] * width, width, to + r * width);
-          else
-            for (int64_t c = 0; c < width; ++c) to[r * width + c] = from[r * width + p.perm[c]];
-      };
-      if (need_W) permute(W0, W, out, in, /*rows=*/i != 0);
-      if (need_Wt) permute(Wt0, Wt, in, out, /*rows=*/i == 0);
+      if (need_W) p.reorder(W0, W, out, in, /*by_rows=*/i != 0, /*back=*/false);
+      if (need_Wt) p.reorder(Wt0, Wt, in, out, /*by_rows=*/i == 0, /*back=*/false);
     }
   });
   return p;
@@ -1131,8 +1139,7 @@ std::tuple<Tensor, Tensor, Tensor> layer_forward(const Tensor& u_in, const Tenso
     const scalar_t* u_ptr = u.data_ptr<scalar_t>();
     scalar_t* y_ptr = y.data_ptr<scalar_t>();
     scalar_t* acts_ptr = store ? acts.data_ptr<scalar_t>() : nullptr;
-    // a single tile runs its two nets on two threads instead
-    const bool nets_apart = tiles == 1 && at::get_num_threads() > 1 && !at::in_parallel_region();
+    const bool nets_apart = nets_on_two_threads(tiles);
     auto run_tiles = [&](int64_t t0, int64_t t1) {
       scalar_t* work = thread_scratch<scalar_t, kWork>(3 * tile * p.max_width());
       scalar_t* scratch = store ? nullptr : thread_scratch<scalar_t, kRecord>(tile * rolling.row_width);
@@ -1194,8 +1201,7 @@ std::tuple<Tensor, std::vector<Tensor>> layer_backward(const Tensor& u_in, const
     const T* gy_ptr = grad_y.data_ptr<T>();
     T* gu_ptr = grad_u.data_ptr<T>();
     T* acts_ptr = stored ? acts.data_ptr<T>() : nullptr;
-    // a single tile runs its two nets on two threads instead
-    const bool nets_apart = tiles == 1 && at::get_num_threads() > 1 && !at::in_parallel_region();
+    const bool nets_apart = nets_on_two_threads(tiles);
     auto run_chunks = [&](int64_t c0, int64_t c1) {
       T* work = thread_scratch<T, kWork>(8 * tile * p.max_width());
       T* scratch = stored ? nullptr : thread_scratch<T, kRecord>(tile * p.L.row_width);
@@ -1235,7 +1241,7 @@ std::tuple<Tensor, std::vector<Tensor>> layer_backward(const Tensor& u_in, const
       // `out` with each value at its original feature index
       auto chunk_sum = [&](int64_t offset, int64_t length, T* out, bool unpermute) {
         run_sum_chunks(partial + offset, chunks, gl.size, length, unpermute ? sum : out);
-        for (int64_t j = 0; j < length && unpermute; ++j) out[p.perm[j]] = sum[j];
+        if (unpermute) p.reorder(sum, out, 1, length, /*by_rows=*/false, /*back=*/true);
       };
       for (int64_t k = k0; k < k1; ++k) {
         const int64_t n = k / (n_linear + 1), l = k % (n_linear + 1), base = n * per_net + 4 * l;
@@ -1252,9 +1258,7 @@ std::tuple<Tensor, std::vector<Tensor>> layer_backward(const Tensor& u_in, const
           dW_sum = sum;
         }
         if (i == 0 || i == n_mlp) {  // its columns / rows back in the original order
-          for (int64_t o = 0; o < w_out; ++o)
-            for (int64_t j = 0; j < w_in; ++j)
-              (i == 0 ? dW[o * w_in + p.perm[j]] : dW[p.perm[o] * w_in + j]) = dW_sum[o * w_in + j];
+          p.reorder(dW_sum, dW, w_out, w_in, /*by_rows=*/i != 0, /*back=*/true);
           dW_sum = dW;
         }
         run_weight_norm_backward(w_out, w_in, params[base + 1].data_ptr<T>(), params[base + 2].data_ptr<T>(), dW_sum,
