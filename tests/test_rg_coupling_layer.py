@@ -103,7 +103,7 @@ def cpp_available():
 def test_cpp_results_do_not_depend_on_thread_count_or_run(seed, rows, batch, inverse, recompute):
     cpp_available()
     g = torch.Generator().manual_seed(seed)
-    # several tiles and several gradient chunks
+    # several tiles and gradient chunks; or a single tile, whose two nets run on two threads
     layer = perturbed_layer(48, 40, 2, 2, g)
     u, ldj = torch.randn(rows, 3, 4, 4, generator=g), torch.randn(batch, generator=g)
     threads = torch.get_num_threads()
